@@ -1,0 +1,7 @@
+"""``python -m stagelock``."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())

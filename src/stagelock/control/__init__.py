@@ -1,0 +1,3 @@
+"""Closed-loop stage control: calibration, controller, stage drivers."""
+
+__all__: list[str] = []

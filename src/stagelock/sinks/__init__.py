@@ -1,0 +1,3 @@
+"""Sinks: where measurements go (ZeroMQ publisher, record file)."""
+
+__all__: list[str] = []

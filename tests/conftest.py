@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import importlib.metadata as md
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    names = ["numpy", "opencv-python-headless", "pyzmq", "pymmcore-plus", "tifffile"]
+    versions = []
+    for name in names:
+        try:
+            versions.append(f"{name} {md.version(name)}")
+        except md.PackageNotFoundError:
+            versions.append(f"{name} missing")
+    return ["stagelock deps: " + ", ".join(versions)]
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real microscope stacks beside the project; skip where absent."""
+    path = SHARED / "data"
+    if not (path / "pc12-unreg.tif").exists():
+        pytest.skip("../shared/data is not present on this machine")
+    return path
