@@ -1,0 +1,603 @@
+"""Live view of one or several stagelock daemons, from their ZeroMQ messages.
+
+Three layers, so that the interesting parts are testable without a terminal:
+
+- :class:`MonitorState` — pure state. ``update(topic, message, now)`` folds one
+  message into per-source rows (latest shift, fps, drift history, corrections,
+  alarms). It never raises on bad input: malformed messages are counted and
+  skipped, unknown fields are ignored, missing fields stay ``None``.
+- :func:`render` — pure function ``(state, now) -> rich renderable``.
+- :func:`run_monitor` — the thin loop: a SUB socket connected to every endpoint,
+  polled at ~4 Hz, feeding the state and a :class:`rich.live.Live` (or printing
+  one JSON object per line with ``json_output=True``).
+
+A SUB socket *connects*, so ZeroMQ reconnects on its own when a daemon restarts
+(``RECONNECT_IVL`` is lowered so that this takes a fraction of a second). The
+slow-joiner caveat of PUB/SUB applies: messages published before the
+subscription has propagated to the publisher are lost, so the first message
+seen may not be the first one sent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "MonitorState",
+    "SourceState",
+    "parse_endpoint",
+    "render",
+    "run_monitor",
+    "sparkline",
+]
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"
+"""Where ``stagelock run`` publishes by default."""
+
+TOPIC_PREFIX = b"stagelock."
+"""Subscription prefix: covers shift, status, correction, alarm and log topics."""
+
+SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
+HISTORY_LEN = 60
+"""How many drift magnitudes each source keeps for its sparkline."""
+
+FPS_WINDOW_S = 5.0
+"""Shift messages received within this window give the displayed frame rate."""
+
+MISSING = "—"
+
+# statuses that still carry a usable shift, shown in yellow; the rest in red
+_WARN_STATUSES = frozenset({"low_confidence", "blank"})
+_OK_STATUSES = frozenset({"ok"})
+
+_ENDPOINT_RE = re.compile(
+    r"^tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-*]+):(?P<port>\d{1,5})$"
+)
+
+
+def parse_endpoint(endpoint: str) -> str:
+    """Check a ZeroMQ endpoint to connect to and return it unchanged.
+
+    Parameters
+    ----------
+    endpoint : str
+        ``tcp://HOST:PORT`` (as published by ``stagelock run``), or an
+        ``ipc://PATH`` / ``inproc://NAME`` endpoint.
+
+    Returns
+    -------
+    str
+        The endpoint.
+
+    Raises
+    ------
+    ValueError
+        With a one-line message naming the endpoint and the expected form.
+    """
+    if endpoint.startswith(("ipc://", "inproc://")) and len(endpoint.split("://")[1]):
+        return endpoint
+    match = _ENDPOINT_RE.match(endpoint)
+    if match is None or match["host"] == "*":
+        raise ValueError(
+            f"bad endpoint {endpoint!r}: expected tcp://HOST:PORT, "
+            f"e.g. {DEFAULT_ENDPOINT}"
+        )
+    port = int(match["port"])
+    if not 1 <= port <= 65535:
+        raise ValueError(f"bad endpoint {endpoint!r}: port {port} is not in 1..65535")
+    return endpoint
+
+
+def _number(value: Any) -> float | None:
+    """Return a JSON number as float (NaN allowed); None when absent or not a number."""
+    # bool is an int subclass; a True shift is a malformed field, not 1 px
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _integer(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return int(value)
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+@dataclass(slots=True)
+class SourceState:
+    """What the monitor knows about one daemon (one ``source`` name).
+
+    Fields are ``None`` until a message has carried them. Times called
+    ``*_at`` are the monitor's own clock (the ``now`` passed to
+    :meth:`MonitorState.update`), not the daemon's.
+    """
+
+    source: str
+    frame: int | None = None
+    dx_px: float | None = None
+    dy_px: float | None = None
+    dx_um: float | None = None
+    dy_um: float | None = None
+    confidence: float | None = None
+    status: str | None = None
+    skipped: int | None = None
+    latency_ms: float | None = None
+    n_regions: int | None = None
+    state: str | None = None
+    daemon_fps: float | None = None
+    corrections: int | None = None
+    corrections_seen: int = 0
+    stage_x_um: float | None = None
+    stage_y_um: float | None = None
+    alarm: str | None = None
+    alarm_message: str | None = None
+    shifts_received: int = 0
+    last_seen_at: float | None = None
+    shift_arrivals: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+    drift_px: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY_LEN))
+
+    def fps(self, now: float) -> float | None:
+        """Shift messages per second received over the last few seconds.
+
+        Parameters
+        ----------
+        now : float
+            The monitor's clock, in seconds.
+
+        Returns
+        -------
+        float or None
+            None until two shift messages arrived within ``FPS_WINDOW_S``;
+            0.0 once the stream has stopped for longer than that window.
+        """
+        recent = [t for t in self.shift_arrivals if now - t <= FPS_WINDOW_S]
+        if not recent:
+            return 0.0 if self.shift_arrivals else None
+        if len(recent) < 2 or recent[-1] <= recent[0]:
+            return None
+        return (len(recent) - 1) / (recent[-1] - recent[0])
+
+    def silent_s(self, now: float) -> float:
+        """Seconds since the last message of any topic from this source."""
+        return 0.0 if self.last_seen_at is None else max(0.0, now - self.last_seen_at)
+
+
+@dataclass(slots=True)
+class MonitorState:
+    """Per-source state folded from the daemons' messages; never raises on input.
+
+    Attributes
+    ----------
+    sources : dict of str to SourceState
+        One entry per ``source`` name, in order of first appearance.
+    received : int
+        Every message handed to :meth:`update`, good or bad.
+    malformed : int
+        Messages that were not a JSON object with a ``source`` string, or had a
+        known topic with an unexpected ``schema`` major.
+    ignored : int
+        Well-formed messages on topics the monitor does not display (logs).
+    """
+
+    sources: dict[str, SourceState] = field(default_factory=dict)
+    received: int = 0
+    malformed: int = 0
+    ignored: int = 0
+
+    def update(
+        self, topic: bytes | str, message: bytes | str | Mapping[str, Any], now: float
+    ) -> bool:
+        """Fold one message into the state.
+
+        Parameters
+        ----------
+        topic : bytes or str
+            The ZeroMQ topic frame, e.g. ``b"stagelock.shift"``.
+        message : bytes, str or mapping
+            The UTF-8 JSON payload, or an already decoded object.
+        now : float
+            The monitor's clock in seconds (``time.monotonic()`` in the loop).
+
+        Returns
+        -------
+        bool
+            True if the message was used, False if it was ignored or malformed.
+        """
+        self.received += 1
+        decoded = _decode(message)
+        name = topic.decode("utf-8", "replace") if isinstance(topic, bytes) else topic
+        if decoded is None:
+            self.malformed += 1
+            return False
+        handler = _HANDLERS.get(name)
+        if handler is None:
+            self.ignored += 1
+            return False
+        source = _text(decoded.get("source"))
+        schema = decoded.get("schema")
+        # a different major version may mean different units: refuse, don't guess
+        if source is None or (
+            isinstance(schema, str) and not schema.startswith(f"{name}/1")
+        ):
+            self.malformed += 1
+            return False
+        row = self.sources.get(source)
+        if row is None:
+            row = self.sources[source] = SourceState(source)
+        row.last_seen_at = now
+        handler(row, decoded, now)
+        return True
+
+
+def _decode(message: bytes | str | Mapping[str, Any]) -> dict[str, Any] | None:
+    if isinstance(message, Mapping):
+        return dict(message)
+    try:
+        obj = json.loads(message)
+    except (ValueError, TypeError):  # UnicodeDecodeError is a ValueError
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _on_shift(row: SourceState, msg: dict[str, Any], now: float) -> None:
+    row.shifts_received += 1
+    row.shift_arrivals.append(now)
+    row.frame = _integer(msg.get("frame"))
+    row.dx_px, row.dy_px = _number(msg.get("dx_px")), _number(msg.get("dy_px"))
+    row.dx_um, row.dy_um = _number(msg.get("dx_um")), _number(msg.get("dy_um"))
+    row.confidence = _number(msg.get("confidence"))
+    row.status = _text(msg.get("status"))
+    row.skipped = _integer(msg.get("skipped"))
+    row.latency_ms = _number(msg.get("latency_ms"))
+    row.n_regions = _integer(msg.get("n_regions"))
+    if row.dx_px is not None and row.dy_px is not None:
+        row.drift_px.append(math.hypot(row.dx_px, row.dy_px))
+    else:
+        # a failed frame leaves a gap in the sparkline rather than a fake zero
+        row.drift_px.append(math.nan)
+
+
+def _on_status(row: SourceState, msg: dict[str, Any], now: float) -> None:
+    row.state = _text(msg.get("state")) or row.state
+    row.daemon_fps = _number(msg.get("fps"))
+    corrections = _integer(msg.get("corrections"))
+    if corrections is not None:
+        row.corrections = corrections
+    skipped = _integer(msg.get("frames_skipped"))
+    if skipped is not None:
+        row.skipped = skipped
+    # the heartbeat is authoritative for the alarm: null clears it, absent keeps it
+    if "alarm" in msg:
+        row.alarm = _text(msg.get("alarm"))
+        if row.alarm is None:
+            row.alarm_message = None
+
+
+def _on_correction(row: SourceState, msg: dict[str, Any], now: float) -> None:
+    row.corrections_seen += 1
+    # between heartbeats, count the corrections seen here on top of the last total
+    row.corrections = max(row.corrections or 0, row.corrections_seen)
+    row.stage_x_um = _number(msg.get("stage_x_um"))
+    row.stage_y_um = _number(msg.get("stage_y_um"))
+
+
+def _on_alarm(row: SourceState, msg: dict[str, Any], now: float) -> None:
+    row.alarm = _text(msg.get("alarm")) or "alarm"
+    row.alarm_message = _text(msg.get("message"))
+
+
+_HANDLERS = {
+    "stagelock.shift": _on_shift,
+    "stagelock.status": _on_status,
+    "stagelock.correction": _on_correction,
+    "stagelock.alarm": _on_alarm,
+}
+
+
+def sparkline(values: Iterable[float], width: int | None = None) -> str:
+    """Unicode block sparkline of non-negative values, scaled from 0 to their max.
+
+    Parameters
+    ----------
+    values : iterable of float
+        Oldest first. NaN (a failed frame) is drawn as a space.
+    width : int, optional
+        Number of characters. With more values than ``width``, consecutive
+        values are merged by their maximum, so a single spike stays visible.
+
+    Returns
+    -------
+    str
+        One character per value (or per merged bucket); empty without values.
+    """
+    data = list(values)
+    if width is not None and len(data) > width > 0:
+        buckets = []
+        for i in range(width):
+            chunk = data[i * len(data) // width : (i + 1) * len(data) // width]
+            finite = [v for v in chunk if math.isfinite(v)]
+            buckets.append(max(finite) if finite else math.nan)
+        data = buckets
+    finite = [v for v in data if math.isfinite(v)]
+    top = max(finite, default=0.0)
+    chars = []
+    for value in data:
+        if not math.isfinite(value):
+            chars.append(" ")
+        elif top <= 0:
+            chars.append(SPARK_BLOCKS[0])
+        else:
+            level = round(max(value, 0.0) / top * (len(SPARK_BLOCKS) - 1))
+            chars.append(SPARK_BLOCKS[level])
+    return "".join(chars)
+
+
+def _fmt(value: float | int | None, spec: str) -> str:
+    if value is None:
+        return MISSING
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return format(value, spec)
+
+
+def _status_cell(
+    row: SourceState, now: float, silent_after_s: float
+) -> tuple[str, str]:
+    """Text and rich style of a source's status cell: the worst thing wins."""
+    silent = row.silent_s(now)
+    if silent >= silent_after_s:
+        return f"silent for {silent:.0f} s", "bold red"
+    if row.alarm:
+        text = f"ALARM {row.alarm}"
+        if row.alarm_message:
+            text += f": {row.alarm_message}"
+        return text, "bold red"
+    parts = []
+    style = "green"
+    if row.state and row.state != "running":
+        parts.append(row.state)
+        style = "yellow"
+    if row.status:
+        parts.append(row.status)
+        if row.status in _WARN_STATUSES:
+            style = "yellow"
+        elif row.status not in _OK_STATUSES:
+            style = "red"
+    return (" ".join(parts) or MISSING), style
+
+
+def render(
+    state: MonitorState,
+    now: float,
+    *,
+    silent_after_s: float = 3.0,
+    endpoints: Sequence[str] = (),
+    spark_width: int = 20,
+) -> RenderableType:
+    """Build the monitor's view of ``state`` at time ``now``.
+
+    Parameters
+    ----------
+    state : MonitorState
+        The folded messages.
+    now : float
+        The same clock as the ``now`` given to :meth:`MonitorState.update`.
+    silent_after_s : float
+        A source with no message for this long is shown as "silent for N s".
+    endpoints : sequence of str
+        Shown in the caption.
+    spark_width : int
+        Characters of the drift sparkline (the last 60 values merged into it).
+
+    Returns
+    -------
+    rich.console.RenderableType
+        A table with one row per source and a caption line.
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    caption = (
+        f"{state.received} messages"
+        + (f", {state.malformed} malformed" if state.malformed else "")
+        + (f" · {', '.join(endpoints)}" if endpoints else "")
+    )
+    table = Table(
+        title="stagelock monitor",
+        caption=caption,
+        expand=False,
+        pad_edge=False,
+        header_style="bold",
+    )
+    table.add_column("source", no_wrap=True)
+    table.add_column("frame", justify="right")
+    table.add_column("dx px", justify="right")
+    table.add_column("dy px", justify="right")
+    table.add_column("dx µm", justify="right")
+    table.add_column("dy µm", justify="right")
+    table.add_column("conf", justify="right")
+    table.add_column("fps", justify="right")
+    table.add_column("skip", justify="right")
+    table.add_column("corr", justify="right")
+    table.add_column(f"|drift| last {HISTORY_LEN}", no_wrap=True)
+    table.add_column("status", overflow="fold")
+    if not state.sources:
+        table.add_row(Text("waiting for messages…", style="dim"))
+    for row in state.sources.values():
+        text, style = _status_cell(row, now, silent_after_s)
+        conf_style = "yellow" if row.status in _WARN_STATUSES else ""
+        table.add_row(
+            Text(row.source, style="bold"),
+            _fmt(row.frame, "d"),
+            _fmt(row.dx_px, "+.2f"),
+            _fmt(row.dy_px, "+.2f"),
+            _fmt(row.dx_um, "+.3f"),
+            _fmt(row.dy_um, "+.3f"),
+            Text(_fmt(row.confidence, ".2f"), style=conf_style),
+            _fmt(row.fps(now), ".1f"),
+            _fmt(row.skipped, "d"),
+            _fmt(row.corrections, "d"),
+            Text(sparkline(row.drift_px, spark_width), style="cyan"),
+            Text(text, style=style),
+        )
+    return table
+
+
+def _connect(endpoints: Sequence[str]) -> tuple[Any, Any]:
+    import zmq
+
+    context = zmq.Context()
+    sock = context.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    # a restarted daemon is found again within ~0.2 s rather than the default back-off
+    sock.setsockopt(zmq.RECONNECT_IVL, 200)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    sock.setsockopt(zmq.RCVHWM, 10_000)
+    sock.setsockopt(zmq.SUBSCRIBE, TOPIC_PREFIX)
+    for endpoint in endpoints:
+        sock.connect(endpoint)
+    return context, sock
+
+
+def run_monitor(
+    endpoints: Sequence[str],
+    *,
+    json_output: bool = False,
+    duration_s: float | None = None,
+    silent_after_s: float = 3.0,
+    refresh_hz: float = 4.0,
+    console: Console | None = None,
+    stream: IO[str] | None = None,
+) -> MonitorState:
+    """Subscribe to the daemons at ``endpoints`` and show them until stopped.
+
+    Parameters
+    ----------
+    endpoints : sequence of str
+        ZeroMQ endpoints to connect to (checked with :func:`parse_endpoint`).
+    json_output : bool
+        Print each message as one JSON object per line (with a ``topic`` field
+        added) to ``stream`` instead of the live table.
+    duration_s : float, optional
+        Stop after this many seconds; by default run until Ctrl-C.
+    silent_after_s : float
+        Flag a source as silent after this long without a message.
+    refresh_hz : float
+        Redraw rate of the live table.
+    console : rich.console.Console, optional
+        Where the live table goes (default: a console on stdout).
+    stream : text stream, optional
+        Where JSON lines go (default: ``sys.stdout``).
+
+    Returns
+    -------
+    MonitorState
+        The final state (also when stopped by Ctrl-C).
+
+    Raises
+    ------
+    ValueError
+        If an endpoint is malformed.
+    """
+    import zmq
+
+    checked = [parse_endpoint(e) for e in endpoints] or [DEFAULT_ENDPOINT]
+    out = sys.stdout if stream is None else stream
+    state = MonitorState()
+    context, sock = _connect(checked)
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    start = time.monotonic()
+    deadline = None if duration_s is None else start + duration_s
+    period_s = 1.0 / refresh_hz
+    live = None
+    try:
+        if not json_output:
+            from rich.live import Live
+
+            live = Live(
+                render(state, start, silent_after_s=silent_after_s, endpoints=checked),
+                console=console,
+                auto_refresh=False,
+                transient=False,
+            )
+            live.start()
+        next_draw = start
+        while True:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            wait_s = min(next_draw, deadline or next_draw) - now
+            if poller.poll(max(0, round(wait_s * 1000))):
+                # drain everything queued so a burst never lags the display
+                while True:
+                    try:
+                        parts = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    _handle(
+                        state, parts, time.monotonic(), out if json_output else None
+                    )
+            now = time.monotonic()
+            if now >= next_draw:
+                if live is not None:
+                    view = render(
+                        state, now, silent_after_s=silent_after_s, endpoints=checked
+                    )
+                    live.update(view, refresh=True)
+                next_draw = now + period_s
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if live is not None:
+            live.update(
+                render(
+                    state,
+                    time.monotonic(),
+                    silent_after_s=silent_after_s,
+                    endpoints=checked,
+                ),
+                refresh=True,
+            )
+            live.stop()
+        sock.close(linger=0)
+        context.term()
+    return state
+
+
+def _handle(
+    state: MonitorState, parts: list[bytes], now: float, out: IO[str] | None
+) -> None:
+    if len(parts) != 2:
+        state.received += 1
+        state.malformed += 1
+        return
+    topic, payload = parts
+    state.update(topic, payload, now)
+    if out is None:
+        return
+    decoded = _decode(payload)
+    if decoded is None:
+        return
+    # every decodable message is printed, logs included: scripts filter on topic
+    line: dict[str, Any] = {"topic": topic.decode("utf-8", "replace")}
+    line.update((k, v) for k, v in decoded.items() if k != "topic")
+    out.write(json.dumps(line) + "\n")
+    out.flush()
