@@ -1,5 +1,23 @@
 """Frame sources: where frames come from (Micro-Manager, a folder, a simulation)."""
 
+from ._mmcore import MMCoreSource, SourceState, release_core
 from ._protocol import Frame, FrameCallback, FrameSource
+from ._simulated import (
+    DriftModel,
+    SimulatedMicroscope,
+    SimulationSettings,
+    create_simulated_core,
+)
 
-__all__ = ["Frame", "FrameCallback", "FrameSource"]
+__all__ = [
+    "DriftModel",
+    "Frame",
+    "FrameCallback",
+    "FrameSource",
+    "MMCoreSource",
+    "SimulatedMicroscope",
+    "SimulationSettings",
+    "SourceState",
+    "create_simulated_core",
+    "release_core",
+]
