@@ -509,6 +509,8 @@ class SimulatedCamera(SimpleCameraDevice):
 
     def snap(self, buffer: npt.NDArray[Any]) -> Mapping[str, Any]:
         """Expose for the exposure time and fill ``buffer`` with the image."""
+        if self._scope.camera_fault is not None:
+            raise RuntimeError(self._scope.camera_fault)
         t0 = time.monotonic()
         exposure_s = self._exposure_ms / 1000.0
         image, shift = self._scope.render(mid_exposure_offset_s=exposure_s / 2)
@@ -542,7 +544,12 @@ class SimulatedMicroscope:
         shutter off and the pixel size set.
     settings : SimulationSettings
     drift : DriftModel
+    camera_fault : str or None
+        Set to a message to make every snap fail with ``RuntimeError(message)``
+        (a disconnected camera); None (default) for a working camera.
     """
+
+    camera_fault: str | None = None
 
     def __init__(
         self,
