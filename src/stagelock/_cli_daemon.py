@@ -1,10 +1,225 @@
-"""Subcommands (not yet implemented)."""
+"""``stagelock run`` (the daemon) and ``stagelock ctl`` (its control client)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
 from typing import Any
+
+from ._cli import CliError, add_verbosity
+
+__all__ = ["add_commands", "format_status"]
+
+logger = logging.getLogger("stagelock.daemon")
+
+ENV_OVERRIDES = {
+    "STAGELOCK_PUBLISH": "publish__endpoint",
+    "STAGELOCK_CONTROL": "control__endpoint",
+    "STAGELOCK_RECORD": "record__path",
+}
+"""Environment variables (between the config file and the flags)."""
 
 
 def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Register this module's subcommands (none yet)."""
+    """Register ``run`` and ``ctl``."""
+    run = subparsers.add_parser(
+        "run",
+        help="measure drift live and publish it (the daemon)",
+        description=(
+            "Measure every frame's drift against a reference and publish it on "
+            "ZeroMQ until stopped (SIGTERM, Ctrl-C, 'stagelock ctl stop'). Without "
+            "--config and --watch it runs on the built-in simulated microscope."
+        ),
+    )
+    run.add_argument(
+        "--config", type=Path, metavar="PATH", help="TOML configuration file"
+    )
+    run.add_argument(
+        "--watch", type=Path, metavar="DIR", help="read TIFF files appearing in DIR"
+    )
+    run.add_argument(
+        "--from-start",
+        action="store_true",
+        default=None,
+        help="with --watch: also process files already present",
+    )
+    run.add_argument(
+        "--publish",
+        metavar="ENDPOINT",
+        help="ZeroMQ PUB endpoint (default tcp://127.0.0.1:5556)",
+    )
+    run.add_argument(
+        "--control",
+        metavar="ENDPOINT",
+        help="ZeroMQ control endpoint (default tcp://127.0.0.1:5557)",
+    )
+    run.add_argument(
+        "--record",
+        type=Path,
+        metavar="FILE",
+        help="append every measurement to FILE (.csv or .jsonl)",
+    )
+    run.add_argument("--pixel-size", type=float, metavar="UM", help="pixel size in µm")
+    run.add_argument(
+        "--frames", type=int, metavar="N", help="stop after N measured frames"
+    )
+    run.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    add_verbosity(run)
+    run.set_defaults(func=_run)
+
+    ctl = subparsers.add_parser(
+        "ctl",
+        help="send a command to a running daemon",
+        description="Send status, pause, resume, rereference or stop to a daemon.",
+    )
+    ctl.add_argument(
+        "action", metavar="COMMAND", help="status | pause | resume | rereference | stop"
+    )
+    ctl.add_argument(
+        "--endpoint",
+        default=None,
+        help="control endpoint (default $STAGELOCK_CONTROL or tcp://127.0.0.1:5557)",
+    )
+    ctl.add_argument("--timeout-s", type=float, default=2.0, help="reply timeout (s)")
+    ctl.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    add_verbosity(ctl)
+    ctl.set_defaults(func=_ctl)
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from ._config import Config, ConfigError, load_config
+
+    try:
+        config_path = args.config or os.environ.get("STAGELOCK_CONFIG")
+        config = load_config(config_path) if config_path else Config()
+        env = {key: os.environ.get(var) or None for var, key in ENV_OVERRIDES.items()}
+        flags: dict[str, Any] = {
+            **env,
+            "publish__endpoint": args.publish,
+            "control__endpoint": args.control,
+            "record__path": args.record,
+            "pixel_size_um": args.pixel_size,
+            "frames": args.frames,
+            "duration_s": args.duration,
+            "source__folder__from_start": args.from_start,
+        }
+        if args.watch is not None:
+            flags["source__kind"] = "folder"
+            flags["source__folder__path"] = args.watch
+        return config.with_overrides(**flags)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    # importing pymmcore-plus (via stagelock.sources) lowers the root logger to
+    # DEBUG; keep the level -v/-q chose
+    root_level = logging.getLogger().level
+    from ._daemon import DaemonError, build_daemon
+
+    logging.getLogger().setLevel(root_level)
+
+    config = _load(args)
+    try:
+        daemon = build_daemon(config)
+    except DaemonError as exc:
+        raise CliError(str(exc)) from None
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        daemon.request_stop(f"signal {signal.Signals(signum).name}")
+
+    previous = {
+        s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        return daemon.run()
+    except DaemonError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def format_status(reply: dict[str, Any]) -> str:
+    """Format a ``status`` reply as a readable multi-line summary."""
+
+    def num(value: Any, fmt: str) -> str:
+        return "–" if value is None else format(value, fmt)
+
+    lines = [
+        f"state        {reply.get('state')}",
+        f"source       {reply.get('source')}",
+        f"frames       {reply.get('frames_measured')} measured, "
+        f"{reply.get('frames_skipped')} skipped, {reply.get('frames_failed')} failed "
+        f"({reply.get('frames_received')} received)",
+        f"rate         {num(reply.get('fps'), '.1f')} fps",
+        f"last shift   dx {num(reply.get('dx_px'), '+.3f')} px, "
+        f"dy {num(reply.get('dy_px'), '+.3f')} px "
+        f"(frame {num(reply.get('last_frame'), 'd')}, {reply.get('status') or '–'}, "
+        f"confidence {num(reply.get('confidence'), '.2f')})",
+        f"reference    frame {num(reply.get('reference_frame'), 'd')} "
+        f"({reply.get('references_taken')} taken)",
+        f"corrections  {reply.get('corrections')}",
+        f"alarm        {reply.get('alarm') or 'none'}",
+        f"publishing   {reply.get('publish_endpoint') or '–'}",
+        f"recording    {reply.get('record_path') or '–'}",
+        f"uptime       {num(reply.get('uptime_s'), '.1f')} s",
+    ]
+    return "\n".join(lines)
+
+
+def _ctl(args: argparse.Namespace) -> int:
+    from ._config import DEFAULT_CONTROL_ENDPOINT
+    from ._control import NoAnswer, request
+
+    endpoint = (
+        args.endpoint or os.environ.get("STAGELOCK_CONTROL") or DEFAULT_CONTROL_ENDPOINT
+    )
+    try:
+        reply = request(endpoint, args.action, timeout_s=args.timeout_s)
+    except NoAnswer as exc:
+        raise CliError(str(exc), exit_code=1) from None
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    elif not reply.get("ok"):
+        pass
+    elif args.action == "status":
+        print(format_status(reply))
+    else:
+        extra = {k: v for k, v in reply.items() if k != "ok"}
+        print(f"{args.action}: ok" + "".join(f", {k} {v}" for k, v in extra.items()))
+    if not reply.get("ok"):
+        print(
+            f"stagelock ctl: error: {reply.get('error')} ({reply.get('code')})",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``run``/``ctl`` alone (``python -m stagelock._cli_daemon run ...``).
+
+    The same as ``stagelock run``/``stagelock ctl``, without the other subcommands.
+    """
+    from ._cli import setup_logging
+
+    parser = argparse.ArgumentParser(prog="stagelock")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_commands(sub)
+    args = parser.parse_args(argv)
+    setup_logging(args)
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        print(f"stagelock {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

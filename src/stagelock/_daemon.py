@@ -1,0 +1,895 @@
+"""The live drift-measurement daemon: source → latest-wins slot → worker → sinks.
+
+This module only wires parts together: a :class:`~stagelock.sources.FrameSource`
+pushes frames into a :class:`~stagelock._slot.LatestSlot`; one worker thread
+takes the newest frame, measures it with a :class:`~stagelock.Registrar` and hands
+the message to every sink (recorder first, then the ZeroMQ publisher, so anything
+a subscriber saw is on disk); a control server answers commands from its own
+thread; the main thread waits for a stop request (signal, ``stop`` command,
+``--frames``/``--duration``) and runs the one shutdown path.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ._control import CommandError, ControlServer
+from ._sdnotify import SystemdNotifier
+from ._slot import LatestSlot, SlotClosed
+from .registration import Registrar, ShiftEstimate, Status
+from .sinks._protocol import (
+    ALARM_SCHEMA,
+    ALARM_TOPIC,
+    SHIFT_SCHEMA,
+    SHIFT_TOPIC,
+    STATUS_SCHEMA,
+    STATUS_TOPIC,
+    ShiftMessage,
+    ShiftSink,
+    StatusMessage,
+)
+from .sources._protocol import Frame, FrameSource
+
+if TYPE_CHECKING:
+    from ._config import Config
+
+__all__ = [
+    "Daemon",
+    "DaemonError",
+    "DaemonState",
+    "DaemonStatus",
+    "build_daemon",
+    "build_sinks",
+    "build_source",
+]
+
+logger = logging.getLogger("stagelock.daemon")
+
+
+class DaemonError(RuntimeError):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+class DaemonState(str, Enum):
+    """What the daemon is doing."""
+
+    STARTING = "starting"
+    """Sinks and source started; no frame yet."""
+    REFERENCING = "referencing"
+    """Collecting the reference (mean strategy, or waiting for a usable frame)."""
+    MEASURING = "measuring"
+    """Every frame is measured against the reference."""
+    PAUSED = "paused"
+    """Frames arrive and are dropped unmeasured (``pause`` command)."""
+    SOURCE_LOST = "source_lost"
+    """No frame for ``source.stall_timeout_s``."""
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonStatus:
+    """A consistent snapshot of the daemon (the ``status`` command's reply)."""
+
+    state: str
+    source: str
+    frames_received: int
+    frames_measured: int
+    frames_skipped: int
+    frames_failed: int
+    fps: float
+    dx_px: float | None
+    dy_px: float | None
+    confidence: float | None
+    status: str | None
+    last_frame: int | None
+    reference_frame: int | None
+    references_taken: int
+    corrections: int
+    alarm: str | None
+    uptime_s: float
+    publish_endpoint: str | None
+    control_endpoint: str | None
+    record_path: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the fields as a plain dict (JSON-ready)."""
+        return dataclasses.asdict(self)
+
+
+MeasurementHook = Callable[
+    [Frame, ShiftEstimate, ShiftMessage], Sequence[tuple[str, Mapping[str, Any]]]
+]
+"""Called on the worker thread after each measurement; returns extra
+``(topic, message)`` pairs to send to the sinks (e.g. stage corrections)."""
+
+
+class Daemon:
+    """Measure every frame a source delivers and send the shifts to sinks.
+
+    Parameters
+    ----------
+    config : Config
+        Registration, logging, limits (``frames``, ``duration_s``), control
+        endpoint.
+    source : FrameSource
+        Where frames come from; started by :meth:`start`, stopped on shutdown.
+    sinks : sequence of ShiftSink
+        Receive every message in order (put the recorder before the publisher).
+    notifier : SystemdNotifier, optional
+        systemd notifications; default one reading the environment.
+    control : bool
+        Bind the control socket at ``config.control.endpoint``.
+    hooks : sequence of callables
+        :data:`MeasurementHook` s run after each measurement.
+    cleanup : sequence of callables
+        Run last on shutdown (e.g. releasing a Micro-Manager core).
+
+    Notes
+    -----
+    State machine (:class:`DaemonState`)::
+
+        starting → referencing → measuring ⇄ paused
+                         ↑  rereference ↓     measuring ⇄ source_lost
+        any → stopping → stopped
+
+    Threads: the source's (calls :meth:`_on_frame`: counts and puts in the slot),
+    the worker (measures, owns the sinks and the publisher socket), the control
+    server's, and the caller of :meth:`run` (waits, then shuts down).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        source: FrameSource,
+        *,
+        sinks: Sequence[ShiftSink] = (),
+        notifier: SystemdNotifier | None = None,
+        control: bool = True,
+        hooks: Sequence[MeasurementHook] = (),
+        cleanup: Sequence[Callable[[], None]] = (),
+        publish_endpoint: str | None = None,
+        record_path: str | None = None,
+    ) -> None:
+        self.config = config
+        self.source = source
+        self.sinks = list(sinks)
+        self.notifier = notifier if notifier is not None else SystemdNotifier()
+        self.hooks = list(hooks)
+        self._cleanup = list(cleanup)
+        self._want_control = control
+        self.control: ControlServer | None = None
+        self.pixel_size_um = config.effective_pixel_size_um
+        self._publish_endpoint = publish_endpoint
+        self._record_path = record_path
+
+        self._slot: LatestSlot[Frame] = LatestSlot()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._stop_reason = ""
+        self._worker: threading.Thread | None = None
+        self._shutdown_done = False
+        self._started_at = time.monotonic()
+
+        # state shared with the control thread: read and written under _lock
+        self._state = DaemonState.STARTING
+        self._paused = False
+        self._rereference = False
+        self._frames_received = 0
+        self._last_arrival: float | None = None
+        self._frames_measured = 0
+        self._frames_failed = 0
+        self._last: tuple[Frame, ShiftEstimate] | None = None
+        self._reference_frame: int | None = None
+        self._references_taken = 0
+        self._corrections = 0
+        self._alarms: dict[str, str] = {}
+        self._measure_times: collections.deque[float] = collections.deque(maxlen=64)
+
+        # worker-only state
+        self._registrar: Registrar | None = None
+        self._mean_frames: list[Frame] = []
+        self._bad_run = 0
+        self._ready_sent = False
+
+    # -- public control ---------------------------------------------------------------
+
+    def handlers(
+        self,
+    ) -> dict[str, Callable[[Mapping[str, Any]], Mapping[str, Any] | None]]:
+        """Return the control dispatch table: command name → handler."""
+        return {
+            "status": self._cmd_status,
+            "pause": self._cmd_pause,
+            "resume": self._cmd_resume,
+            "rereference": self._cmd_rereference,
+            "stop": self._cmd_stop,
+        }
+
+    def _cmd_status(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``{"command": "status"}`` → ``{"ok": true, "state": ..., ...}``.
+
+        ``stagelock ctl status``
+        """
+        return self.status().as_dict()
+
+    def _cmd_pause(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``{"command": "pause"}`` → ``{"ok": true, "state": "paused"}``.
+
+        ``stagelock ctl pause``: frames keep arriving and are dropped unmeasured.
+        """
+        self.pause()
+        return {"state": DaemonState.PAUSED.value}
+
+    def _cmd_resume(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``{"command": "resume"}`` → ``{"ok": true, "state": "measuring"}``.
+
+        ``stagelock ctl resume``
+        """
+        self.resume()
+        return {"state": self.status().state}
+
+    def _cmd_rereference(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``{"command": "rereference"}`` → ``{"ok": true, "rereference": ...}``.
+
+        ``stagelock ctl rereference``: the next good frame becomes the reference.
+        """
+        self.rereference()
+        return {"rereference": "requested"}
+
+    def _cmd_stop(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``{"command": "stop"}`` → ``{"ok": true, "state": "stopping"}``.
+
+        ``stagelock ctl stop``: the same shutdown as SIGTERM.
+        """
+        if self._stop.is_set():
+            raise CommandError("already stopping", "stopping")
+        self.request_stop("stop command")
+        return {"state": DaemonState.STOPPING.value}
+
+    def pause(self) -> None:
+        """Stop measuring (frames are dropped) until :meth:`resume`."""
+        with self._lock:
+            if self._paused:
+                return
+            self._paused = True
+        self._set_state(DaemonState.PAUSED)
+
+    def resume(self) -> None:
+        """Measure again after :meth:`pause`."""
+        with self._lock:
+            if not self._paused:
+                return
+            self._paused = False
+            has_ref = self._registrar is not None
+        self._set_state(DaemonState.MEASURING if has_ref else DaemonState.REFERENCING)
+
+    def rereference(self) -> None:
+        """Take a new reference from the next frames (per the strategy)."""
+        with self._lock:
+            self._rereference = True
+        logger.info("new reference requested")
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the daemon to stop; safe from any thread and from signal handlers."""
+        if not self._stop.is_set():
+            self._stop_reason = reason
+            self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a stop was requested."""
+        return self._stop.is_set()
+
+    def status(self) -> DaemonStatus:
+        """Take a snapshot of counters, the last shift and the state."""
+        with self._lock:
+            last = self._last
+            times = list(self._measure_times)
+            fps = (
+                (len(times) - 1) / (times[-1] - times[0])
+                if len(times) >= 2 and times[-1] > times[0]
+                else 0.0
+            )
+            est = last[1] if last else None
+            return DaemonStatus(
+                state=self._state.value,
+                source=self.source.name,
+                frames_received=self._frames_received,
+                frames_measured=self._frames_measured,
+                frames_skipped=self._slot.skipped_total,
+                frames_failed=self._frames_failed,
+                fps=round(fps, 3),
+                dx_px=_finite(est.dx_px) if est else None,
+                dy_px=_finite(est.dy_px) if est else None,
+                confidence=est.confidence if est else None,
+                status=est.status.value if est else None,
+                last_frame=last[0].index if last else None,
+                reference_frame=self._reference_frame,
+                references_taken=self._references_taken,
+                corrections=self._corrections,
+                alarm=", ".join(sorted(self._alarms)) or None,
+                uptime_s=round(time.monotonic() - self._started_at, 3),
+                publish_endpoint=self._publish_endpoint,
+                control_endpoint=self.control.endpoint if self.control else None,
+                record_path=self._record_path,
+            )
+
+    # -- running ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind the control socket, start the worker, then the source.
+
+        Raises
+        ------
+        DaemonError
+            When the control endpoint cannot be bound.
+        """
+        if self._want_control:
+            import zmq
+
+            try:
+                self.control = ControlServer(
+                    self.config.control.endpoint, self.handlers()
+                )
+            except zmq.ZMQError as exc:
+                raise DaemonError(
+                    f"control.endpoint {self.config.control.endpoint}: {exc} "
+                    "(is another stagelock running? choose --control ENDPOINT)"
+                ) from None
+            self.control.start()
+        self._worker = threading.Thread(
+            target=self._work, name="stagelock-worker", daemon=True
+        )
+        self._worker.start()
+        logger.info(
+            "started: source %s, publishing on %s, control on %s",
+            self.source.name,
+            self._publish_endpoint or "(none)",
+            self.control.endpoint if self.control else "(none)",
+        )
+        self.source.start(self._on_frame)
+        if not getattr(self.source, "frames_at_start", True):
+            # a watched folder may stay empty for hours: it is ready once watching
+            self._send_ready()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until a stop is requested (or ``timeout_s``); True if requested."""
+        return self._stop.wait(timeout_s)
+
+    def run(self) -> int:
+        """Start, wait for a stop request or a limit, shut down; returns 0.
+
+        ``config.duration_s`` ends the run by itself; ``config.frames`` is
+        checked by the worker.
+        """
+        try:
+            self.start()
+            deadline = (
+                None
+                if self.config.duration_s is None
+                else time.monotonic() + self.config.duration_s
+            )
+            while not self._stop.is_set():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    self.request_stop(f"ran for {self.config.duration_s:g} s")
+                    break
+                self._stop.wait(0.5 if remaining is None else min(remaining, 0.5))
+        finally:
+            self.shutdown()
+        return 0
+
+    def shutdown(self, timeout_s: float = 1.5) -> None:
+        """Shut down (the one path): finish the frame in hand, flush, close.
+
+        Parameters
+        ----------
+        timeout_s : float
+            How long the worker may take to finish its frame.
+        """
+        if self._shutdown_done:
+            return
+        self._shutdown_done = True
+        self.request_stop(self._stop_reason or "shutdown")
+        logger.info("stopping: %s", self._stop_reason)
+        self._set_state(DaemonState.STOPPING)
+        self.notifier.stopping()
+        try:
+            try:
+                self.source.stop()
+            except Exception:
+                logger.exception("stopping the source failed")
+            self._slot.close()
+            if self._worker is not None:
+                self._worker.join(timeout_s)
+                if self._worker.is_alive():
+                    logger.error("the worker did not finish within %.1f s", timeout_s)
+        finally:
+            for sink in self.sinks:
+                try:
+                    sink.close()
+                except Exception:
+                    logger.exception("closing sink %r failed", sink)
+            if self.control is not None:
+                self.control.close()
+            for fn in self._cleanup:
+                try:
+                    fn()
+                except Exception:
+                    logger.exception("cleanup failed")
+            self._set_state(DaemonState.STOPPED)
+            st = self.status()
+            logger.info(
+                "stopped: %d frames measured, %d skipped, %d failed",
+                st.frames_measured,
+                st.frames_skipped,
+                st.frames_failed,
+            )
+            self.notifier.close()
+
+    # -- source thread ----------------------------------------------------------------
+
+    def _on_frame(self, frame: Frame) -> None:
+        # runs on the source's thread: count and hand over, nothing slow
+        with self._lock:
+            self._frames_received += 1
+            self._last_arrival = time.monotonic()
+        self._slot.put(frame)
+
+    # -- worker thread ----------------------------------------------------------------
+
+    def _work(self) -> None:
+        heartbeat_s = self.config.publish.heartbeat_s
+        watchdog_s = self.notifier.watchdog_interval_s
+        next_heartbeat = time.monotonic()
+        next_watchdog = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                wait_s = min(next_heartbeat - now, 0.25)
+                if watchdog_s is not None:
+                    wait_s = min(wait_s, next_watchdog - now)
+                try:
+                    got = self._slot.get(max(wait_s, 0.0))
+                except SlotClosed:
+                    break
+                if got is not None:
+                    frame, skipped = got
+                    try:
+                        self._handle(frame, skipped)
+                    except Exception:  # never die in the loop
+                        logger.exception("frame %d: unexpected error", frame.index)
+                        with self._lock:
+                            self._frames_failed += 1
+                now = time.monotonic()
+                self._check_stall(now)
+                if now >= next_heartbeat:
+                    next_heartbeat = now + heartbeat_s
+                    self._heartbeat()
+                if watchdog_s is not None and now >= next_watchdog:
+                    next_watchdog = now + watchdog_s
+                    self.notifier.watchdog()
+        finally:
+            # the last heartbeat tells subscribers the daemon is going away
+            try:
+                self._heartbeat()
+            except Exception:
+                logger.exception("last heartbeat failed")
+
+    def _handle(self, frame: Frame, skipped: int) -> None:
+        self._send_ready()
+        with self._lock:
+            paused = self._paused
+            rereference, self._rereference = self._rereference, False
+        if paused:
+            return
+        if rereference:
+            self._registrar = None
+            self._mean_frames = []
+            self._set_state(DaemonState.REFERENCING)
+        if self._registrar is None:
+            self._take_reference(frame, skipped)
+            return
+        self._measure_and_send(frame, skipped)
+
+    def _registrar_kwargs(self) -> dict[str, Any]:
+        reg = self.config.registration
+        return {
+            "roi": reg.roi,
+            "max_shift_px": reg.max_shift_px,
+            "n_regions": reg.n_regions,
+            "region_size_px": reg.region_size_px,
+            "reference_strategy": "keyframe"
+            if reg.reference == "keyframe"
+            else "fixed",
+            "min_confidence": reg.min_confidence,
+        }
+
+    def _take_reference(self, frame: Frame, skipped: int) -> None:
+        reg = self.config.registration
+        if reg.reference == "mean":
+            self._mean_frames.append(
+                dataclasses.replace(frame, image=np.array(frame.image, copy=True))
+            )
+            if len(self._mean_frames) < reg.n_mean:
+                self._set_state(DaemonState.REFERENCING)
+                return
+            pending, self._mean_frames = self._mean_frames, []
+            images: list[npt.NDArray[np.generic]] = [f.image for f in pending]
+            try:
+                registrar = Registrar.from_frames(images, **self._registrar_kwargs())
+            except ValueError as exc:
+                logger.warning(
+                    "mean of frames %d..%d unusable as reference: %s",
+                    pending[0].index,
+                    pending[-1].index,
+                    exc,
+                )
+                return
+            self._install_reference(
+                registrar, pending[-1], f"mean of {len(pending)} frames"
+            )
+            for i, f in enumerate(pending):
+                self._measure_and_send(f, skipped if i == len(pending) - 1 else 0)
+            return
+        try:
+            registrar = Registrar(frame.image, **self._registrar_kwargs())
+        except ValueError as exc:
+            logger.warning("frame %d unusable as reference: %s", frame.index, exc)
+            self._set_state(DaemonState.REFERENCING)
+            return
+        self._install_reference(registrar, frame, f"frame {frame.index}")
+        self._measure_and_send(frame, skipped)
+
+    def _install_reference(self, registrar: Registrar, frame: Frame, what: str) -> None:
+        self._registrar = registrar
+        with self._lock:
+            self._reference_frame = frame.index
+            self._references_taken += 1
+            paused = self._paused
+        logger.info(
+            "reference taken: %s (%d template regions, strategy %s)",
+            what,
+            len(registrar.regions),
+            self.config.registration.reference,
+        )
+        if not paused:
+            self._set_state(DaemonState.MEASURING)
+
+    def _measure_and_send(self, frame: Frame, skipped: int) -> None:
+        assert self._registrar is not None
+        try:
+            est = self._registrar.measure(frame.image)
+        except ValueError as exc:
+            with self._lock:
+                self._frames_failed += 1
+                failed = self._frames_failed
+            if failed == 1 or failed % 100 == 0:
+                logger.warning(
+                    "frame %d not measured: %s (%d so far)", frame.index, exc, failed
+                )
+            return
+        message = self._shift_message(frame, est, skipped)
+        self._send(SHIFT_TOPIC, message)
+        for hook in self.hooks:
+            try:
+                for topic, extra in hook(frame, est, message):
+                    self._send(topic, extra)
+            except Exception:
+                logger.exception("measurement hook %r failed", hook)
+        with self._lock:
+            self._frames_measured += 1
+            self._last = (frame, est)
+            self._measure_times.append(time.monotonic())
+            n = self._frames_measured
+        self._track_quality(frame, est)
+        every = self.config.log.every_n_frames
+        if every and n % every == 0:
+            st = self.status()
+            logger.info(
+                "%d frames measured (frame %d): dx=%.3f dy=%.3f px, confidence %.2f, "
+                "%s; %.1f fps, %d skipped",
+                n,
+                frame.index,
+                est.dx_px,
+                est.dy_px,
+                est.confidence,
+                est.status.value,
+                st.fps,
+                st.frames_skipped,
+            )
+        if self.config.frames is not None and n >= self.config.frames:
+            self.request_stop(f"measured {n} frames")
+
+    def _shift_message(
+        self, frame: Frame, est: ShiftEstimate, skipped: int
+    ) -> ShiftMessage:
+        px = self.pixel_size_um
+        dx, dy = _finite(est.dx_px), _finite(est.dy_px)
+        return ShiftMessage(
+            schema=SHIFT_SCHEMA,
+            frame=frame.index,
+            time=frame.time_s,
+            dx_px=dx,
+            dy_px=dy,
+            dx_um=None if px is None or dx is None else dx * px,
+            dy_um=None if px is None or dy is None else dy * px,
+            confidence=round(float(est.confidence), 4),
+            status=est.status.value,
+            skipped=skipped,
+            source=frame.source,
+            latency_ms=round((time.time() - frame.time_s) * 1000.0, 3),
+            n_regions=est.n_regions,
+        )
+
+    def _send(self, topic: str, message: Mapping[str, Any]) -> None:
+        for sink in self.sinks:
+            try:
+                sink.publish(topic, message)
+            except Exception:
+                logger.exception("sink %r failed on %s", sink, topic)
+
+    def _track_quality(self, frame: Frame, est: ShiftEstimate) -> None:
+        good = est.status is Status.OK
+        if good:
+            if self._bad_run:
+                logger.info(
+                    "frame %d: confidence back (%.2f)", frame.index, est.confidence
+                )
+            self._bad_run = 0
+            self._set_alarm("measurement_failing", None)
+            return
+        self._bad_run += 1
+        if self._bad_run == 1:
+            logger.warning(
+                "frame %d: %s (confidence %.2f)",
+                frame.index,
+                est.status.value,
+                est.confidence,
+            )
+        limit = self.config.registration.alarm_after_bad_frames
+        if self._bad_run >= limit:
+            self._set_alarm(
+                "measurement_failing",
+                f"{self._bad_run} frames in a row without a trustworthy shift "
+                f"(last: {est.status.value})",
+            )
+
+    def _check_stall(self, now: float) -> None:
+        with self._lock:
+            arrival = self._last_arrival
+            state = self._state
+        if arrival is None:
+            return
+        lost = now - arrival > self.config.source.stall_timeout_s
+        if lost and state is not DaemonState.SOURCE_LOST:
+            self._set_alarm(
+                "source_lost",
+                f"no frame from {self.source.name} for "
+                f"{self.config.source.stall_timeout_s:g} s",
+            )
+            self._set_state(DaemonState.SOURCE_LOST)
+        elif not lost and state is DaemonState.SOURCE_LOST:
+            self._set_alarm("source_lost", None)
+            logger.info("source reconnected: frames arrive again")
+            with self._lock:
+                paused, has_ref = self._paused, self._registrar is not None
+            self._set_state(
+                DaemonState.PAUSED
+                if paused
+                else DaemonState.MEASURING
+                if has_ref
+                else DaemonState.REFERENCING
+            )
+
+    def _set_alarm(self, name: str, message: str | None) -> None:
+        with self._lock:
+            was = name in self._alarms
+            if message is None:
+                self._alarms.pop(name, None)
+            else:
+                self._alarms[name] = message
+        if message is not None and not was:
+            logger.warning("alarm %s: %s", name, message)
+        elif message is None and was:
+            logger.info("alarm %s cleared", name)
+        else:
+            return
+        self._send(
+            ALARM_TOPIC,
+            {
+                "schema": ALARM_SCHEMA,
+                "time": time.time(),
+                "alarm": name,
+                "active": message is not None,
+                "message": message or f"{name} cleared",
+            },
+        )
+
+    def _set_state(self, state: DaemonState) -> None:
+        with self._lock:
+            old, self._state = self._state, state
+        if old is not state:
+            logger.info("state: %s → %s", old.value, state.value)
+
+    def _send_ready(self) -> None:
+        if not self._ready_sent:
+            self._ready_sent = True
+            self.notifier.ready(f"receiving frames from {self.source.name}")
+
+    def _heartbeat(self) -> None:
+        st = self.status()
+        message = StatusMessage(
+            schema=STATUS_SCHEMA,
+            time=time.time(),
+            source=st.source,
+            state=st.state,
+            frames_measured=st.frames_measured,
+            frames_skipped=st.frames_skipped,
+            fps=st.fps,
+            dx_px=st.dx_px,
+            dy_px=st.dy_px,
+            corrections=st.corrections,
+            alarm=st.alarm,
+        )
+        self._send(STATUS_TOPIC, message)
+        if self.notifier.enabled:
+            shift = (
+                f"dx={st.dx_px:+.3f} dy={st.dy_px:+.3f} px"
+                if st.dx_px is not None and st.dy_px is not None
+                else "no shift yet"
+            )
+            self.notifier.status(
+                f"{st.state}: {st.frames_measured} frames measured, last {shift}, "
+                f"{st.fps:.1f} fps"
+            )
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+# -- wiring from a Config ----------------------------------------------------------
+
+
+def build_source(config: Config) -> tuple[FrameSource, list[Callable[[], None]]]:
+    """Create the frame source the configuration names, and its clean-ups.
+
+    Raises
+    ------
+    DaemonError
+        When the source cannot be created (missing folder, Micro-Manager config
+        not loadable, the simulated microscope not available).
+    """
+    kind = config.source.kind
+    if kind == "folder":
+        from .sources._folder import FolderSource
+
+        folder = config.source.folder
+        assert folder.path is not None  # checked by the config
+        try:
+            return (
+                FolderSource(
+                    folder.path,
+                    pattern=folder.pattern,
+                    from_start=folder.from_start,
+                    poll_interval_s=folder.poll_interval_s,
+                    give_up_after_s=folder.give_up_after_s,
+                ),
+                [],
+            )
+        except FileNotFoundError as exc:
+            raise DaemonError(f"source.folder.path: {exc}") from None
+    try:
+        # written alongside this module; guarded so a missing piece is one line
+        from .sources import MMCoreSource, create_simulated_core, release_core
+    except ImportError as exc:
+        raise DaemonError(
+            f"source.kind = {kind!r} needs stagelock.sources.MMCoreSource, which is "
+            f"not available ({exc}); use --watch DIR (a folder source) instead"
+        ) from None
+    if kind == "simulated":
+        sim_core = create_simulated_core(
+            config.simulation.model_dump(exclude_none=True)
+        )
+        sim = MMCoreSource(sim_core, interval_ms=0.0, name="simulated")
+        return sim, [lambda: release_core(sim_core)]
+    mm = config.source.micromanager
+    from pymmcore_plus import CMMCorePlus
+
+    core = CMMCorePlus()
+    try:
+        if mm.config_file is None:
+            core.loadSystemConfiguration()
+        else:
+            core.loadSystemConfiguration(str(mm.config_file))
+        if mm.camera:
+            core.setCameraDevice(mm.camera)
+        sequence = None
+        if mm.mda_file is not None:
+            import useq
+
+            sequence = useq.MDASequence.from_file(mm.mda_file)
+    except Exception as exc:
+        release_core(core)
+        what = mm.config_file or "the demo configuration (mm-test-adapters)"
+        raise DaemonError(f"source.micromanager: cannot load {what}: {exc}") from None
+    src = MMCoreSource(
+        core, interval_ms=mm.interval_ms, observe=mm.observe, mda_sequence=sequence
+    )
+    return src, [lambda: release_core(core)]
+
+
+def build_sinks(config: Config) -> tuple[list[ShiftSink], str | None, str | None]:
+    """Create the recorder (if configured) then the publisher.
+
+    Raises
+    ------
+    DaemonError
+        When the record file cannot be opened or the endpoint cannot be bound.
+    """
+    import zmq
+
+    from .sinks._publisher import ZmqPublisher
+    from .sinks._recorder import Recorder
+
+    sinks: list[ShiftSink] = []
+    record_path = None
+    if config.record.path is not None:
+        try:
+            sinks.append(
+                Recorder(config.record.path, fsync=config.record.flush == "fsync")
+            )
+        except (OSError, ValueError) as exc:
+            raise DaemonError(f"record.path: {exc}") from None
+        record_path = str(config.record.path)
+    try:
+        publisher = ZmqPublisher(config.publish.endpoint, hwm=config.publish.hwm)
+    except zmq.ZMQError as exc:
+        for sink in sinks:
+            sink.close()
+        raise DaemonError(
+            f"publish.endpoint {config.publish.endpoint}: {exc} "
+            "(is another stagelock running? choose --publish ENDPOINT)"
+        ) from None
+    sinks.append(publisher)
+    return sinks, record_path, publisher.endpoint
+
+
+def build_daemon(config: Config, *, notifier: SystemdNotifier | None = None) -> Daemon:
+    """Create a :class:`Daemon` with the source and sinks the config names.
+
+    Raises
+    ------
+    DaemonError
+        When a part cannot be created; nothing is left open.
+    """
+    sinks, record_path, endpoint = build_sinks(config)
+    try:
+        source, cleanup = build_source(config)
+    except BaseException:
+        for sink in sinks:
+            sink.close()
+        raise
+    return Daemon(
+        config,
+        source,
+        sinks=sinks,
+        notifier=notifier,
+        cleanup=cleanup,
+        publish_endpoint=endpoint,
+        record_path=record_path,
+    )

@@ -1,0 +1,106 @@
+"""A bounded latest-wins hand-over between a producer and one consumer thread."""
+
+from __future__ import annotations
+
+import threading
+from typing import Generic, TypeVar
+
+__all__ = ["LatestSlot", "SlotClosed"]
+
+T = TypeVar("T")
+
+
+class SlotClosed(Exception):
+    """Raised by :meth:`LatestSlot.get` once the slot is closed and empty."""
+
+
+class LatestSlot(Generic[T]):
+    """Holds at most one item; a new item replaces an unread one.
+
+    The producer (a camera or folder thread) never waits: :meth:`put` stores the
+    item and returns at once. When the consumer is slower than the producer, the
+    older unread item is dropped and counted, so the consumer always measures the
+    newest frame and memory stays bounded (one frame), unlike an unbounded queue.
+
+    States: open → closed (:meth:`close`). After closing, :meth:`put` drops items
+    and :meth:`get` returns what is left, then raises :class:`SlotClosed`.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: T | None = None
+        self._has_item = False
+        self._closed = False
+        self._skipped_since_get = 0
+        self.skipped_total = 0
+        """Items replaced before the consumer read them, since creation."""
+        self.put_total = 0
+        """Items offered to :meth:`put`, since creation."""
+
+    def put(self, item: T) -> bool:
+        """Store ``item``, replacing any unread one.
+
+        Returns
+        -------
+        bool
+            True when an unread item was replaced (it counts as skipped).
+        """
+        with self._cond:
+            self.put_total += 1
+            if self._closed:
+                return False
+            replaced = self._has_item
+            if replaced:
+                self._skipped_since_get += 1
+                self.skipped_total += 1
+            self._item = item
+            self._has_item = True
+            self._cond.notify()
+            return replaced
+
+    def get(self, timeout_s: float | None = None) -> tuple[T, int] | None:
+        """Take the newest item, waiting up to ``timeout_s``.
+
+        Returns
+        -------
+        (item, skipped) or None
+            The item and how many items were dropped since the previous ``get``;
+            None on timeout.
+
+        Raises
+        ------
+        SlotClosed
+            When the slot is closed and empty.
+        """
+        with self._cond:
+            if not self._has_item and not self._closed:
+                self._cond.wait(timeout_s)
+            if self._has_item:
+                item = self._item
+                skipped = self._skipped_since_get
+                self._item = None
+                self._has_item = False
+                self._skipped_since_get = 0
+                return item, skipped  # type: ignore[return-value]
+            if self._closed:
+                raise SlotClosed
+            return None
+
+    def clear(self) -> int:
+        """Drop an unread item (not counted as skipped); return how many (0 or 1)."""
+        with self._cond:
+            dropped = int(self._has_item)
+            self._item = None
+            self._has_item = False
+            return dropped
+
+    def close(self) -> None:
+        """Refuse new items and wake a waiting consumer; idempotent."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
