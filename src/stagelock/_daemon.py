@@ -582,6 +582,13 @@ class Daemon:
                     "frame %d not measured: %s (%d so far)", frame.index, exc, failed
                 )
             return
+        # count first: a status request answered after a subscriber saw this
+        # message must include it
+        with self._lock:
+            self._frames_measured += 1
+            self._last = (frame, est)
+            self._measure_times.append(time.monotonic())
+            n = self._frames_measured
         message = self._shift_message(frame, est, skipped)
         self._send(SHIFT_TOPIC, message)
         for hook in self.hooks:
@@ -590,11 +597,6 @@ class Daemon:
                     self._send(topic, extra)
             except Exception:
                 logger.exception("measurement hook %r failed", hook)
-        with self._lock:
-            self._frames_measured += 1
-            self._last = (frame, est)
-            self._measure_times.append(time.monotonic())
-            n = self._frames_measured
         self._track_quality(frame, est)
         every = self.config.log.every_n_frames
         if every and n % every == 0:
