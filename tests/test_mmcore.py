@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 import useq
 
-from _mm_fixtures import scope_factory, snap, wait_until
+# tests/ may or may not be a package (another suite adds tests/__init__.py)
+try:
+    from ._mm_fixtures import scope_factory, snap, wait_until
+except ImportError:
+    from _mm_fixtures import scope_factory, snap, wait_until
 from stagelock import Registrar
 from stagelock._attach import attach
 from stagelock.sources import (
