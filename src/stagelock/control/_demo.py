@@ -169,7 +169,7 @@ def calibration_of(scope: Any) -> Calibration:
 def summarize(
     trace: DemoTrace, *, lock_frames: int = 20, bump_window_s: float = 3.0
 ) -> Mapping[str, Any]:
-    """Compute the acceptance numbers of a closed-loop trace (see ``bench/closed_loop.py``).
+    """Compute the acceptance numbers of a closed-loop trace (``bench/closed_loop``).
 
     Returns
     -------
