@@ -94,8 +94,9 @@ def test_own_snap_loop_at_an_interval(make_scope, collect):
     finally:
         source.stop()
     times = np.array([f.time_s for f in collect.snapshot()])
-    # frames are paced by the interval, not by the 5 ms exposure
-    assert np.min(np.diff(times)) > 0.030
+    # frames are paced by the interval (40 ms), not by the 5 ms exposure; single
+    # gaps jitter with the scheduler, their mean cannot beat the clock
+    assert np.mean(np.diff(times)) > 0.8 * 0.040
 
 
 def test_own_mda_sequence(make_scope, collect):

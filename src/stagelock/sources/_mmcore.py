@@ -42,7 +42,9 @@ __all__ = ["MMCoreSource", "SourceState", "release_core"]
 
 logger = logging.getLogger(__name__)
 
-_IMAGE_NUMBER_KEYS = ("ImageNumber", "Elapsed_Time-ms", "ElapsedTime-ms")
+# together these change from frame to frame, also across sequences (whose image
+# numbers restart at 0)
+_IMAGE_NUMBER_KEYS = ("ImageNumber", "ElapsedTime-ms", "TimeReceivedByCore")
 
 
 class SourceState(str, Enum):
@@ -278,12 +280,19 @@ class MMCoreSource:
     def _observe_loop(self) -> None:
         core = self.core
         last_key: object = None
+        was_running = False
         while not self._stop.wait(self.poll_interval_s):
             try:
                 # MDA frames come through frameReady; a hardware-sequenced MDA
                 # also fills the buffer, which must not be delivered twice
-                if core.mda.is_running() or not core.isSequenceRunning():
+                if core.mda.is_running():
+                    was_running = False
                     continue
+                running = core.isSequenceRunning()
+                # one more look after the sequence ends: its last frame
+                if not running and not was_running:
+                    continue
+                was_running = running
                 try:
                     image, md = core.getLastImageAndMD()
                 except (IndexError, RuntimeError):
@@ -309,9 +318,9 @@ def _md_dict(md: Any) -> dict[str, Any]:
 
 def _frame_key(image: npt.NDArray[Any], meta: Mapping[str, Any]) -> object:
     """Something that changes from one camera frame to the next."""
-    for key in _IMAGE_NUMBER_KEYS:
-        if key in meta:
-            return (key, meta[key])
+    key = tuple(meta[k] for k in _IMAGE_NUMBER_KEYS if k in meta)
+    if key:
+        return key
     # no counter in the metadata: fall back to a sample of the pixels
     flat = np.ascontiguousarray(image).reshape(-1)
     return hash(flat[:: max(1, flat.size // 4096)].tobytes())

@@ -24,6 +24,7 @@ real microscopes and the Micro-Manager demo), and moving the stage by the drift
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -452,6 +453,9 @@ class SimulatedXYStage(XYStageDevice):
     def set_position_um(self, x: float, y: float) -> None:
         """Start a move to (x, y) µm in user coordinates."""
         self._mech.move_to(x + self._origin[0], y + self._origin[1])
+        # like the C++ stage adapters, announce the new target (GUIs listen)
+        with contextlib.suppress(Exception):
+            self.core.events.XYStagePositionChanged.emit(self.get_label(), x, y)
 
     def get_position_um(self) -> tuple[float, float]:
         """Return the motor position in user coordinates (µm), on the step grid."""
@@ -667,7 +671,9 @@ class SimulatedMicroscope:
         crop = self._world[np.ix_(r_idx, c_idx)]
         if fx or fy:
             spectrum = np.fft.rfft2(crop)
-            spectrum *= np.exp(-2j * np.pi * (self._ky * fy + self._kx * fx))
+            # the phase ramp is separable: two 1-D exponentials, not one 2-D
+            spectrum *= np.exp(-2j * np.pi * self._ky * fy)
+            spectrum *= np.exp(-2j * np.pi * self._kx * fx)
             crop = np.fft.irfft2(spectrum, s=crop.shape)
         return np.asarray(crop[m : m + rows, m : m + cols])
 
@@ -678,8 +684,31 @@ class SimulatedMicroscope:
         shift = self.true_image_shift_px(self.elapsed_s() + mid_exposure_offset_s)
         clean = self.render_clean(*shift)
         with self._rng_lock:
-            frame = self.noise.expose(clean, self._rng)
-        return frame, shift
+            z = self._rng.standard_normal(clean.shape, dtype=np.float32)
+        return self._expose(clean, z), shift
+
+    def _expose(
+        self, clean: npt.NDArray[np.float64], z: npt.NDArray[np.float32]
+    ) -> npt.NDArray[np.uint16]:
+        """Apply the camera noise of :attr:`noise` to a clean image in [0, 1].
+
+        Shot noise and read noise are drawn together as one Gaussian of variance
+        ``electrons + read_noise²`` (the normal approximation of
+        :meth:`CameraNoise.expose`'s Poisson + Gaussian): statistically the same
+        for registration at these photon counts, and 5-10x faster, which keeps a
+        512x512 camera at video rate.
+        """
+        n = self.noise
+        electrons = np.clip(clean, 0.0, None).astype(np.float32)
+        electrons *= n.peak_photons
+        electrons += n.background_photons
+        sigma = np.sqrt(electrons + n.read_noise_e**2)
+        electrons += sigma * z
+        electrons *= 1.0 / n.gain_e_per_adu
+        electrons += n.offset_adu
+        np.rint(electrons, out=electrons)
+        np.clip(electrons, 0, 65535, out=electrons)
+        return electrons.astype(np.uint16)
 
     def close(self) -> None:
         """Unload the devices from the core (see :func:`release_core`)."""
