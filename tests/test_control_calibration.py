@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterator  # noqa: TC003
+from pathlib import Path  # noqa: TC003
 
 import numpy as np
 import pytest
@@ -38,7 +38,7 @@ def make_core() -> Iterator[object]:
     yield make
     for core in cores:
         _release(core)
-    del cores
+    cores.clear()
     gc.collect()
 
 
@@ -104,7 +104,7 @@ def test_calibration_refuses_degenerate_fit(make_core) -> None:
         x, _ = driver.get_position_um()
         return scope.render_clean(-x / 0.65, 0.0)
 
-    with pytest.raises(CalibrationError, match="degenerate|less than 0.5 px"):
+    with pytest.raises(CalibrationError, match=r"degenerate|less than 0\.5 px"):
         calibrate(core, snap=one_axis, step_um=5.0)
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -103,7 +104,7 @@ def test_step_response_without_overshoot_or_limit_cycle() -> None:
     assert after.min() > -1.0  # < 10 % overshoot
     assert np.all(np.abs(run.residual[140:]) < 0.25)
     # once locked: no hunting (dead band), so no more moves at all
-    late = [m for m in run.moves[-10:]]
+    late = list(run.moves[-10:])
     assert len(run.moves) < 30, late
 
 
@@ -111,7 +112,7 @@ def test_no_sustained_sign_alternation() -> None:
     run = run_plant(creep=(0.3, -0.2), walk=0.05, seed=3)
     xs = np.sign([m[0] for m in run.moves if m[0] != 0])
     alternations = best = 0
-    for a, b in zip(xs[:-1], xs[1:], strict=True):
+    for a, b in itertools.pairwise(xs):
         alternations = alternations + 1 if a != b else 0
         best = max(best, alternations)
     assert best <= 5
