@@ -49,18 +49,16 @@ def test_acquisition_index(name: str, index: int | None) -> None:
 
 def test_files_in_acquisition_order_and_growing_stack(tmp_path: Path) -> None:
     got = Collector()
-    src = FolderSource(tmp_path, poll_interval_s=0.02, give_up_after_s=0.5)
+    # present together at the first scan: delivered by index (2 < 10), not by name
+    tifffile.imwrite(tmp_path / "img_10.tif", image(10))
+    tifffile.imwrite(tmp_path / "img_2.tif", image(2))
+    src = FolderSource(tmp_path, from_start=True, poll_interval_s=0.02)
     assert isinstance(src, FrameSource)
     src.start(got)
     try:
-        # written out of order in one go: delivered by index 2 < 10
-        tifffile.imwrite(tmp_path / "img_10.tif", image(10))
-        tifffile.imwrite(tmp_path / "img_2.tif", image(2))
         frames = got.wait_for(2)
-        assert [Path(f.metadata["file"]).name for f in frames] == [
-            "img_2.tif",
-            "img_10.tif",
-        ]
+        names = [Path(f.metadata["file"]).name for f in frames]
+        assert names == ["img_2.tif", "img_10.tif"]
         np.testing.assert_array_equal(frames[0].image, image(2))
         # a stack that grows page by page: each new page read once
         stack = tmp_path / "stack_20.tif"
