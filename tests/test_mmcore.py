@@ -229,6 +229,22 @@ def test_demo_config_frames_follow_the_stage(demo_core, collect):
     np.testing.assert_allclose((est.dx_px, est.dy_px), (-12.0, -6.0), atol=0.2)
 
 
+def test_demo_config_observed_sequence_is_not_consumed(demo_core, collect):
+    core = demo_core
+    core.setExposure(5.0)
+    source = MMCoreSource(core, observe=True)
+    source.start(collect)
+    try:
+        core.startSequenceAcquisition(10, 0, True)
+        wait_until(lambda: not core.isSequenceRunning(), 10.0, "the demo sequence")
+        wait_until(lambda: len(collect) >= 5, 5.0, "observed demo frames")
+        assert core.getRemainingImageCount() == 10
+    finally:
+        source.stop()
+    numbers = [int(f.metadata["ImageNumber"]) for f in collect.snapshot()]
+    assert numbers == sorted(set(numbers))
+
+
 # -- attach ---------------------------------------------------------------------
 
 

@@ -91,7 +91,8 @@ class MMCoreSource:
 
     ``reconnects`` counts LOST → RUNNING transitions. Frame indices are the
     source's own count of delivered frames, from 0; the camera's own image
-    number (when known) and the MDA event are in ``frame.metadata``.
+    number (when known) and, for MDA frames, ``mda_index`` (``{"t": 3}``) and
+    the event's stage position (``x_um``, ``y_um``) are in ``frame.metadata``.
     """
 
     def __init__(
@@ -210,8 +211,13 @@ class MMCoreSource:
             logger.exception("%s: the frame consumer raised", self.name)
 
     def _on_mda_frame(self, image: npt.NDArray[Any], event: Any, meta: Any) -> None:
-        # runs on the MDA thread: build the frame and hand it over, nothing more
-        self._deliver(image, {"mda_event": event, "mda_index": dict(event.index)})
+        # runs on the MDA thread: build the frame and hand it over, nothing more;
+        # plain JSON-friendly values only (sinks may serialise the metadata)
+        meta_out: dict[str, Any] = {"mda_index": dict(event.index)}
+        for key, value in (("x_um", event.x_pos), ("y_um", event.y_pos)):
+            if value is not None:
+                meta_out[key] = float(value)
+        self._deliver(image, meta_out)
 
     def _mark_lost(self, error: BaseException) -> None:
         if self.state is not SourceState.LOST:
