@@ -245,6 +245,20 @@ def test_demo_config_observed_sequence_is_not_consumed(demo_core, collect):
     assert numbers == sorted(set(numbers))
 
 
+def test_attach_on_the_demo_core_measures_snaps(demo_core):
+    core = demo_core
+    core.setProperty("Camera", "Mode", "Fluorescent Beads")
+    with attach(core, max_shift_px=30) as handle:
+        core.snapImage()
+        core.setRelativeXYPosition(-7.0, 9.0)
+        core.waitForDevice(core.getXYStageDevice())
+        core.snapImage()
+        assert handle.wait_for(2, timeout_s=10.0)
+        latest = handle.latest
+    assert latest is not None and latest.frame_index == 1
+    np.testing.assert_allclose((latest.dx_px, latest.dy_px), (7.0, -9.0), atol=0.2)
+
+
 # -- attach ---------------------------------------------------------------------
 
 
@@ -274,6 +288,7 @@ def test_attach_measures_mda_frames_against_commanded_moves(make_scope):
         np.testing.assert_allclose((shift.dx_px, shift.dy_px), expected, atol=0.05)
     assert [c[0] for c in calls] == [0, 1, 2, 3]
     assert handle.latest is not None and handle.latest.frame_index == 3
+    assert scope.last_true_shift_px == pytest.approx(scope.image_shift_px((-5, 15)))
     # detached: later frames are ignored
     core.snapImage()
     core.mda.run(useq.MDASequence(time_plan={"interval": 0, "loops": 2}))

@@ -554,6 +554,8 @@ class SimulatedMicroscope:
     """
 
     camera_fault: str | None = None
+    last_true_shift_px: tuple[float, float] | None = None
+    """True image shift (dx, dy) of the most recently rendered frame."""
 
     def __init__(
         self,
@@ -682,6 +684,7 @@ class SimulatedMicroscope:
     ) -> tuple[npt.NDArray[np.uint16], tuple[float, float]]:
         """One noisy camera frame of the current scene, and its true shift (dx, dy)."""
         shift = self.true_image_shift_px(self.elapsed_s() + mid_exposure_offset_s)
+        self.last_true_shift_px = shift
         clean = self.render_clean(*shift)
         with self._rng_lock:
             z = self._rng.standard_normal(clean.shape, dtype=np.float32)
