@@ -77,8 +77,10 @@ class MMCoreSource:
     name : str, optional
         Name put in every frame's ``source``; default ``"mmcore:<camera label>"``.
     poll_interval_s : float
-        How often the circular buffer is checked (continuous own mode and
-        observe mode).
+        How often the circular buffer is checked in continuous own mode, and
+        the shortest polling period in observe mode (which otherwise polls at
+        half the exposure time, at most every 50 ms, because each look copies
+        the newest frame).
     retry_s : float
         After a camera error in own mode, how long to wait before trying again.
 
@@ -287,8 +289,13 @@ class MMCoreSource:
         core = self.core
         last_key: object = None
         was_running = False
-        while not self._stop.wait(self.poll_interval_s):
+        period_s = self.poll_interval_s
+        while not self._stop.wait(period_s):
             try:
+                # every look copies the newest frame: poll at about twice the
+                # frame rate, not faster, so big cameras don't cost a core
+                exposure_s = float(core.getExposure()) / 1000.0
+                period_s = max(self.poll_interval_s, min(0.05, exposure_s / 2))
                 # MDA frames come through frameReady; a hardware-sequenced MDA
                 # also fills the buffer, which must not be delivered twice
                 if core.mda.is_running():
