@@ -24,6 +24,7 @@ real microscopes and the Micro-Manager demo), and moving the stage by the drift
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import math
@@ -272,9 +273,11 @@ class DriftModel:
         self.bump_um = float(bump_um)
         self._walk_rng = np.random.default_rng([seed, 1])
         self._bump_rng = np.random.default_rng([seed, 2])
-        self._walk = np.zeros((1, 2))
+        # random walk on the grid, in an array grown by doubling (amortised O(1))
+        self._walk = np.zeros((self.chunk, 2))
+        self._walk_len = 1
         self._bump_times: list[float] = []
-        self._bump_steps: list[tuple[float, float]] = []
+        self._bump_sums: list[tuple[float, float]] = [(0.0, 0.0)]  # cumulative
         self._next_bump_s = self._draw_bump_interval()
         self._lock = threading.Lock()
 
@@ -287,15 +290,26 @@ class DriftModel:
         """Make sure the random walk and the bump list cover ``t_s``."""
         need = math.ceil(t_s / self.grid_s) + 2
         sigma = self.random_walk_um_per_sqrt_s * math.sqrt(self.grid_s)
-        while self._walk.shape[0] < need:
+        while self._walk_len < need:
+            n = self._walk_len
+            if n + self.chunk > self._walk.shape[0]:
+                grown = np.zeros((2 * self._walk.shape[0], 2))
+                grown[:n] = self._walk[:n]
+                self._walk = grown
             steps = self._walk_rng.normal(0.0, sigma, size=(self.chunk, 2))
-            tail = self._walk[-1] + np.cumsum(steps, axis=0)
-            self._walk = np.concatenate([self._walk, tail])
+            self._walk[n : n + self.chunk] = self._walk[n - 1] + np.cumsum(
+                steps, axis=0
+            )
+            self._walk_len = n + self.chunk
         while self._next_bump_s <= t_s:
             angle = float(self._bump_rng.uniform(0.0, 2 * math.pi))
             self._bump_times.append(self._next_bump_s)
-            self._bump_steps.append(
-                (self.bump_um * math.cos(angle), self.bump_um * math.sin(angle))
+            last = self._bump_sums[-1]
+            self._bump_sums.append(
+                (
+                    last[0] + self.bump_um * math.cos(angle),
+                    last[1] + self.bump_um * math.sin(angle),
+                )
             )
             self._next_bump_s += self._draw_bump_interval()
 
@@ -318,16 +332,7 @@ class DriftModel:
             i = int(pos)
             frac = pos - i
             walk = self._walk[i] * (1.0 - frac) + self._walk[i + 1] * frac
-            bx = sum(
-                s[0]
-                for b, s in zip(self._bump_times, self._bump_steps, strict=True)
-                if b <= t
-            )
-            by = sum(
-                s[1]
-                for b, s in zip(self._bump_times, self._bump_steps, strict=True)
-                if b <= t
-            )
+            bx, by = self._bump_sums[bisect.bisect_right(self._bump_times, t)]
         return (
             self.creep_um_per_s[0] * t + float(walk[0]) + bx,
             self.creep_um_per_s[1] * t + float(walk[1]) + by,
