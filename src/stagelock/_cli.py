@@ -5,22 +5,27 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand registered."""
+    """Build the argument parser with every subcommand registered."""
     from . import _cli_register
 
     parser = argparse.ArgumentParser(
         prog="stagelock",
         description="Measure and cancel microscope stage drift.",
     )
-    parser.add_argument("--version", action="version", version=f"stagelock {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"stagelock {__version__}"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _cli_register.add_commands(sub)
     for name in ("_cli_daemon", "_cli_stage", "_cli_monitor"):
@@ -31,13 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_verbosity(parser: argparse.ArgumentParser) -> None:
     """Add the shared ``-v``/``-q`` flags to a subcommand."""
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    parser.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output"
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="count", default=0, help="less log output"
+    )
 
 
 def setup_logging(args: argparse.Namespace) -> None:
     """Configure the root logger from ``-v``/``-q`` (default INFO)."""
-    level = logging.INFO + 10 * (getattr(args, "quiet", 0) - getattr(args, "verbose", 0))
+    level = logging.INFO + 10 * (
+        getattr(args, "quiet", 0) - getattr(args, "verbose", 0)
+    )
     logging.basicConfig(
         level=max(logging.DEBUG, min(level, logging.CRITICAL)),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -24,7 +24,7 @@ __all__ = [
 
 
 def sample_image(shape: tuple[int, int] | None = None) -> npt.NDArray[np.float32]:
-    """The bundled real sample (a stained tissue section), as float32 in [0, 1].
+    """Load the bundled real sample (a stained tissue section) as float32 in [0, 1].
 
     Parameters
     ----------
@@ -34,7 +34,11 @@ def sample_image(shape: tuple[int, int] | None = None) -> npt.NDArray[np.float32
     """
     data = resources.files("stagelock").joinpath("data/ihc.png").read_bytes()
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-    out = image.astype(np.float32) / 255.0
+    if image is None:  # pragma: no cover - a broken installation
+        raise RuntimeError(
+            "the bundled sample image stagelock/data/ihc.png is unreadable"
+        )
+    out: npt.NDArray[np.float32] = image.astype(np.float32) / np.float32(255.0)
     if shape is not None and tuple(shape) != out.shape:
         rows, cols = int(shape[0]), int(shape[1])
         factor = max(rows, cols) / 512.0
@@ -43,12 +47,15 @@ def sample_image(shape: tuple[int, int] | None = None) -> npt.NDArray[np.float32
             # at a microscope-like scale without an exact periodic repeat
             up = min(factor, 3.0)
             size = round(512 * up)
-            out = cv2.resize(out, (size, size), interpolation=cv2.INTER_CUBIC)
+            out = np.asarray(
+                cv2.resize(out, (size, size), interpolation=cv2.INTER_CUBIC),
+                dtype=np.float32,
+            )
         pad_r, pad_c = max(0, rows - out.shape[0]), max(0, cols - out.shape[1])
         if pad_r or pad_c:
             out = np.pad(out, ((0, pad_r), (0, pad_c)), mode="symmetric")
         out = np.ascontiguousarray(out[:rows, :cols])
-    return np.clip(out, 0.0, 1.0)
+    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
 
 
 def fourier_shift(
@@ -99,11 +106,14 @@ class CameraNoise:
         self, image: npt.NDArray[np.floating], rng: np.random.Generator
     ) -> npt.NDArray[np.uint16]:
         """Turn a clean image in [0, 1] into one noisy uint16 camera frame."""
-        electrons = np.clip(image, 0.0, None) * self.peak_photons + self.background_photons
+        electrons = (
+            np.clip(image, 0.0, None) * self.peak_photons + self.background_photons
+        )
         counts = rng.poisson(electrons).astype(np.float64)
         counts += rng.normal(0.0, self.read_noise_e, size=counts.shape)
         adu = counts / self.gain_e_per_adu + self.offset_adu
-        return np.clip(np.rint(adu), 0, 65535).astype(np.uint16)
+        out: npt.NDArray[np.uint16] = np.clip(np.rint(adu), 0, 65535).astype(np.uint16)
+        return out
 
 
 def random_drift(
@@ -113,12 +123,14 @@ def random_drift(
     walk_px: float = 0.15,
     seed: int = 0,
 ) -> npt.NDArray[np.float64]:
-    """A drift trajectory: linear creep plus a random walk, (T, 2) of (dx, dy).
+    """Draw a drift trajectory: linear creep plus a random walk, (T, 2) of (dx, dy).
 
     Frame 0 is at (0, 0).
     """
     rng = np.random.default_rng(seed)
-    steps = rng.normal(0.0, walk_px, size=(n_frames, 2)) + np.asarray(creep_px_per_frame)
+    steps = rng.normal(0.0, walk_px, size=(n_frames, 2)) + np.asarray(
+        creep_px_per_frame
+    )
     steps[0] = 0.0
     return np.cumsum(steps, axis=0)
 
@@ -131,7 +143,7 @@ def drifting_stack(
     image: npt.NDArray[np.floating] | None = None,
     seed: int = 0,
 ) -> npt.NDArray[np.generic]:
-    """A (T, H, W) movie of the sample displaced by ``shifts`` = (T, 2) of (dx, dy).
+    """Render a (T, H, W) movie of the sample displaced by ``shifts`` (T, 2) = (dx, dy).
 
     With ``noise=None`` the frames are the clean float32 images; otherwise uint16
     camera frames.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -51,7 +52,7 @@ def match_in_window(
     centre_col: int,
     radius_px: int,
     scale: int = 1,
-    template_small: npt.NDArray[np.float32] | None = None,
+    template_small: npt.NDArray[Any] | None = None,
 ) -> IntegerMatch | None:
     """Search displacements ``centre ± radius_px`` of a template cut at (row, col).
 
@@ -96,7 +97,7 @@ def match_in_window(
     c1 = min(col + centre_col + radius_px + size, width)
     if r1 - r0 < size + 1 or c1 - c0 < size + 1:
         return None
-    window = frame[r0:r1, c0:c1].astype(np.float32)
+    window: npt.NDArray[Any] = frame[r0:r1, c0:c1].astype(np.float32)
     if scale > 1:
         small_h, small_w = window.shape[0] // scale, window.shape[1] // scale
         window = cv2.resize(
@@ -109,7 +110,7 @@ def match_in_window(
             template_small = cv2.resize(
                 template[: n * scale, : n * scale], (n, n), interpolation=cv2.INTER_AREA
             )
-        tmpl = template_small
+        tmpl: npt.NDArray[Any] = template_small
     else:
         tmpl = template
     if window.shape[0] <= tmpl.shape[0] or window.shape[1] <= tmpl.shape[1]:

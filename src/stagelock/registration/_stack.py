@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import cv2
 import numpy as np
@@ -11,6 +10,9 @@ import numpy.typing as npt
 
 from ._registrar import Registrar, as_image
 from ._types import ShiftEstimate, Status
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
 
 __all__ = ["estimate_shifts", "iter_estimates", "shift_image"]
 
@@ -74,8 +76,7 @@ def iter_estimates(
     for i, frame in enumerate(frames):
         if registrar is None:
             registrar = Registrar(frame, **options)  # type: ignore[arg-type]
-        if i == 0 and reference in ("first", "keyframe"):
-            image = as_image(frame)
+        if i == 0 and isinstance(reference, str) and reference != "mean":
             # the reference measured against itself is zero by definition: no
             # first-frame jump from interpolation or noise
             yield ShiftEstimate(0.0, 0.0, 1.0, Status.OK, len(registrar.regions), 0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -78,7 +79,7 @@ def select_regions(
     size_px = min(size_px, w, h)
     # Work at a scale where the window is ~24-48 px: plenty for a texture score.
     scale = max(1, size_px // 32)
-    small = reference[y0 : y0 + h, x0 : x0 + w]
+    small: npt.NDArray[Any] = reference[y0 : y0 + h, x0 : x0 + w]
     if scale > 1:
         small = cv2.resize(
             small, (w // scale, h // scale), interpolation=cv2.INTER_AREA
