@@ -6,6 +6,7 @@ it, and optionally feed it back to the motorised stage.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._attach import AttachHandle, FrameShift, attach
 from .registration import (
     Registrar,
     ShiftEstimate,
@@ -24,11 +25,14 @@ Shift = ShiftEstimate
 """Alias of :class:`ShiftEstimate`."""
 
 __all__ = [
+    "AttachHandle",
+    "FrameShift",
     "Registrar",
     "Shift",
     "ShiftEstimate",
     "Status",
     "__version__",
+    "attach",
     "estimate_shifts",
     "iter_estimates",
     "shift_image",

@@ -1,5 +1,6 @@
 """Frame sources: where frames come from (Micro-Manager, a folder, a simulation)."""
 
+from ._folder import FolderSource, acquisition_index
 from ._mmcore import MMCoreSource, SourceState, release_core
 from ._protocol import Frame, FrameCallback, FrameSource
 from ._simulated import (
@@ -13,11 +14,13 @@ __all__ = [
     "DriftModel",
     "Frame",
     "FrameCallback",
+    "FolderSource",
     "FrameSource",
     "MMCoreSource",
     "SimulatedMicroscope",
     "SimulationSettings",
     "SourceState",
+    "acquisition_index",
     "create_simulated_core",
     "release_core",
 ]
