@@ -35,14 +35,42 @@ def test_defaults_run_the_simulation_on_loopback() -> None:
         ({"pixel_size_um": 0}, "pixel_size_um: Input should be greater than 0"),
         ({"registration": {"n_regions": 0}}, "registration.n_regions: Input should be"),
         ({"source": {"kind": "folder"}}, "needs source.folder.path"),
-        ({"stage": {"gain": 0.5}}, "stage: Extra inputs are not permitted"),
+        ({"stage": {"gian": 0.5}}, "stage.gian: Extra inputs are not permitted"),
+        ({"stage": {"gain": 0.0}}, "stage.gain: Input should be greater than 0"),
+        (
+            {
+                "stage": {"feedback": True},
+                "source": {"kind": "folder", "folder": {"path": "."}},
+            },
+            "stage.feedback = true needs a stage",
+        ),
+        (
+            {"stage": {"feedback": True}, "source": {"kind": "micromanager"}},
+            "needs stage.calibration_file",
+        ),
+        (
+            {"stage": {"auto_calibrate": True, "calibration_file": "c.toml"}},
+            "both set",
+        ),
         (
             {"publish": {"endpoint": "127.0.0.1:5556"}},
             "publish.endpoint: String should",
         ),
         ({"pixel_size_um": 0.5, "camera": {"pixel_size_um": 0.6}}, "disagree"),
     ],
-    ids=["typo", "zero", "n_regions", "folder-path", "stage", "endpoint", "two-sizes"],
+    ids=[
+        "typo",
+        "zero",
+        "n_regions",
+        "folder-path",
+        "stage-typo",
+        "stage-gain",
+        "feedback-folder",
+        "feedback-uncalibrated",
+        "calibration-twice",
+        "endpoint",
+        "two-sizes",
+    ],
 )
 def test_bad_documents_give_one_line_naming_the_key(doc: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:

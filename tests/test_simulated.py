@@ -214,7 +214,7 @@ def test_create_simulated_core_labels_and_truth() -> None:
         assert core.getImage().shape == (64, 96)
         scope = core.stagelock_simulation
         assert isinstance(scope, SimulatedMicroscope)
-        assert scope.settings.creep_um_per_s == (0.3, -0.2)
+        assert scope.settings.creep_um_per_s == (0.05, -0.03)
     finally:
         release_core(core)
         del core

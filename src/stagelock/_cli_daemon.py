@@ -33,7 +33,8 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         description=(
             "Measure every frame's drift against a reference and publish it on "
             "ZeroMQ until stopped (SIGTERM, Ctrl-C, 'stagelock ctl stop'). Without "
-            "--config and --watch it runs on the built-in simulated microscope."
+            "--config and --watch it runs on the built-in simulated microscope, "
+            "calibrates its stage and corrects the drift (closed loop)."
         ),
     )
     run.add_argument(
@@ -69,6 +70,13 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--frames", type=int, metavar="N", help="stop after N measured frames"
     )
     run.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    run.add_argument(
+        "--feedback",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="move the stage to cancel the drift (stage.feedback); --no-feedback "
+        "only measures",
+    )
     add_verbosity(run)
     run.set_defaults(func=_run)
 
@@ -96,7 +104,12 @@ def _load(args: argparse.Namespace) -> Any:
 
     try:
         config_path = args.config or os.environ.get("STAGELOCK_CONFIG")
-        config = load_config(config_path) if config_path else Config()
+        if config_path:
+            config = load_config(config_path)
+        elif args.watch is None:
+            config = Config.quickstart()  # the simulated microscope, loop closed
+        else:
+            config = Config()
         env = {key: os.environ.get(var) or None for var, key in ENV_OVERRIDES.items()}
         flags: dict[str, Any] = {
             **env,
@@ -107,6 +120,7 @@ def _load(args: argparse.Namespace) -> Any:
             "frames": args.frames,
             "duration_s": args.duration,
             "source__folder__from_start": args.from_start,
+            "stage__feedback": args.feedback,
         }
         if args.watch is not None:
             flags["source__kind"] = "folder"
@@ -164,13 +178,26 @@ def format_status(reply: dict[str, Any]) -> str:
         f"confidence {num(reply.get('confidence'), '.2f')})",
         f"reference    frame {num(reply.get('reference_frame'), 'd')} "
         f"({reply.get('references_taken')} taken)",
-        f"corrections  {reply.get('corrections')}",
+        f"corrections  {reply.get('corrections')}{_stage_line(reply.get('stage'))}",
         f"alarm        {reply.get('alarm') or 'none'}",
         f"publishing   {reply.get('publish_endpoint') or '–'}",
         f"recording    {reply.get('record_path') or '–'}",
         f"uptime       {num(reply.get('uptime_s'), '.1f')} s",
     ]
     return "\n".join(lines)
+
+
+def _stage_line(stage: Any) -> str:
+    if not isinstance(stage, dict):
+        return " (no stage feedback)"
+    offset = stage.get("offset_um")
+    moved = (
+        f"stage moved {offset[0]:+.3f}, {offset[1]:+.3f} µm"
+        if isinstance(offset, list) and len(offset) == 2
+        else "stage position unknown"
+    )
+    alarm = f", alarm {stage['alarm']}" if stage.get("alarm") else ""
+    return f" (loop {stage.get('state')}, {moved}{alarm})"
 
 
 def _ctl(args: argparse.Namespace) -> int:

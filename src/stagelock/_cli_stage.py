@@ -101,7 +101,7 @@ def _open_core(config: Any) -> Any:
         )
     from .sources._simulated import create_simulated_core
 
-    settings = None if config is None else config.simulation.model_dump()
+    settings = None if config is None else config.simulation.microscope_settings()
     return create_simulated_core(settings)
 
 
@@ -157,7 +157,14 @@ def _demo(args: argparse.Namespace) -> int:
     if args.frames < 2:
         raise CliError(f"--frames must be >= 2; got {args.frames}")
     feedback = not args.no_feedback
-    core: Any = create_simulated_core({"shape_px": (256, 256)})
+    # a fast creep (~0.5 px/s) so the open-loop drift is obvious within seconds
+    core: Any = create_simulated_core(
+        {
+            "shape_px": (256, 256),
+            "creep_um_per_s": (0.3, -0.2),
+            "random_walk_um_per_sqrt_s": 0.05,
+        }
+    )
     print(
         "frame   time_s  drift_px(x, y)        residual_px(x, y)    stage_um(x, y)",
         file=sys.stdout,

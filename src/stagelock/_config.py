@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .control._settings import StageSettings
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -47,6 +49,7 @@ __all__ = [
     "RegistrationConfig",
     "SimulationConfig",
     "SourceConfig",
+    "StageSettings",
     "format_validation_error",
     "load_config",
     "validate_config",
@@ -104,6 +107,9 @@ class MicroManagerSourceConfig(_Section):
     """A useq-schema MDA sequence (YAML/JSON) to run instead of live acquisition."""
     observe: bool = False
     """Observe an acquisition someone else runs (never pops frames)."""
+    properties: tuple[tuple[str, str, str | float | int], ...] = ()
+    """Device properties set after loading, ``[["Camera", "Mode", "Fluorescent
+    Beads"], ...]`` (device label, property name, value)."""
 
 
 class SourceConfig(_Section):
@@ -125,7 +131,13 @@ class SourceConfig(_Section):
 
 
 class SimulationConfig(_Section):
-    """``[simulation]``: the built-in simulated microscope (kind "simulated")."""
+    """``[simulation]``: the built-in simulated microscope (kind "simulated").
+
+    The defaults drift visibly but realistically: 0.05 µm/s of thermal creep
+    (about 3 µm a minute, as a stage that has not warmed up) plus a random walk,
+    seen at 10 frames per second. The keys other than ``frame_interval_ms`` are
+    those of :class:`stagelock.sources.SimulationSettings`.
+    """
 
     shape_px: tuple[Annotated[int, Field(ge=32)], Annotated[int, Field(ge=32)]] = (
         512,
@@ -136,9 +148,11 @@ class SimulationConfig(_Section):
     flip_x: bool = False
     flip_y: bool = False
     exposure_ms: PositiveFloat = 10.0
+    frame_interval_ms: Annotated[float, Field(ge=0)] = 100.0
+    """Time between frames (0 = as fast as the simulated camera runs)."""
     peak_photons: PositiveFloat = 500.0
-    creep_um_per_s: tuple[float, float] = (0.3, -0.2)
-    random_walk_um_per_sqrt_s: Annotated[float, Field(ge=0)] = 0.05
+    creep_um_per_s: tuple[float, float] = (0.05, -0.03)
+    random_walk_um_per_sqrt_s: Annotated[float, Field(ge=0)] = 0.02
     bump_every_s: Annotated[float, Field(ge=0)] = 0.0
     bump_um: float = 2.0
     stage_speed_um_per_s: PositiveFloat = 200.0
@@ -148,6 +162,17 @@ class SimulationConfig(_Section):
     travel_range_um: tuple[float, float, float, float] | None = None
     """Stage limits ``[xmin, xmax, ymin, ymax]``; none = unlimited."""
     seed: int = 0
+
+    def microscope_settings(self) -> dict[str, Any]:
+        """Return the keys of :class:`~stagelock.sources.SimulationSettings`.
+
+        Returns
+        -------
+        dict
+            Everything but the acquisition's ``frame_interval_ms``; ``None``
+            values left out.
+        """
+        return self.model_dump(exclude={"frame_interval_ms"}, exclude_none=True)
 
 
 class RegistrationConfig(_Section):
@@ -208,8 +233,8 @@ class LogConfig(_Section):
 class Config(_Section):
     """The whole ``stagelock run`` configuration.
 
-    A ``[stage]`` section (closed-loop correction) is reserved for the stage
-    controller and is added there; until then it is an unknown key.
+    ``[stage]`` is :class:`~stagelock.control.StageSettings` (closed-loop
+    correction; off unless ``feedback = true``).
     """
 
     pixel_size_um: PositiveFloat | None = None
@@ -222,6 +247,7 @@ class Config(_Section):
     control: ControlConfig = ControlConfig()
     record: RecordConfig = RecordConfig()
     log: LogConfig = LogConfig()
+    stage: StageSettings = StageSettings()
     frames: Annotated[int, Field(ge=1)] | None = None
     """Stop by itself after this many measured frames."""
     duration_s: PositiveFloat | None = None
@@ -236,6 +262,49 @@ class Config(_Section):
                 "set one of them"
             )
         return self
+
+    @model_validator(mode="after")
+    def _feedback_needs_a_stage(self) -> Config:
+        if self.stage.feedback and self.source.kind == "folder":
+            raise ValueError(
+                "stage.feedback = true needs a stage: source.kind must be "
+                '"simulated" or "micromanager", not "folder"'
+            )
+        if self.stage.auto_calibrate and self.stage.calibration_file is not None:
+            raise ValueError(
+                "stage.auto_calibrate and stage.calibration_file are both set; "
+                "keep one (the file, or a calibration at every start)"
+            )
+        stage = self.stage
+        if (
+            stage.feedback
+            and self.source.kind == "micromanager"
+            and stage.calibration_file is None
+            and not stage.auto_calibrate
+        ):
+            raise ValueError(
+                "stage.feedback = true needs stage.calibration_file (write one with "
+                "'stagelock calibrate --config FILE -o calibration.toml') or "
+                "stage.auto_calibrate = true"
+            )
+        return self
+
+    @classmethod
+    def quickstart(cls) -> Config:
+        """Return the configuration of ``stagelock run`` without a file.
+
+        The built-in simulated microscope with the closed loop on (calibrated
+        automatically at start-up) and a log line every 10 frames (one a
+        second), so a first run shows drift being measured and corrected.
+
+        Returns
+        -------
+        Config
+        """
+        return cls(
+            stage=StageSettings(feedback=True),
+            log=LogConfig(every_n_frames=10),
+        )
 
     @property
     def effective_pixel_size_um(self) -> float | None:

@@ -7,11 +7,19 @@ the message to every sink (recorder first, then the ZeroMQ publisher, so anythin
 a subscriber saw is on disk); a control server answers commands from its own
 thread; the main thread waits for a stop request (signal, ``stop`` command,
 ``--frames``/``--duration``) and runs the one shutdown path.
+
+With ``[stage] feedback = true`` the worker also hands every measurement to a
+:class:`~stagelock.control.StageLoop`, which may start a stage move; each
+correction (or refused correction) is sent on ``stagelock.correction`` right
+after the shift that caused it. The camera→stage calibration comes from
+``stage.calibration_file`` or is measured on the live core at start-up, before
+the first frame is measured (:func:`build_stage_loop`).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import math
@@ -44,8 +52,10 @@ from .sources._protocol import Frame, FrameSource
 
 if TYPE_CHECKING:
     from ._config import Config
+    from .control import Alarm, Calibration, StageLoop
 
 __all__ = [
+    "CORRECTION_TOPIC",
     "Daemon",
     "DaemonError",
     "DaemonState",
@@ -53,9 +63,14 @@ __all__ = [
     "build_daemon",
     "build_sinks",
     "build_source",
+    "build_stage_loop",
 ]
 
 logger = logging.getLogger("stagelock.daemon")
+
+CORRECTION_TOPIC = "stagelock.correction"
+"""Topic of stage corrections (schema ``stagelock.correction/1``, see
+:meth:`stagelock.control.Correction.to_message`)."""
 
 
 class DaemonError(RuntimeError):
@@ -103,6 +118,10 @@ class DaemonStatus:
     publish_endpoint: str | None
     control_endpoint: str | None
     record_path: str | None
+    stage: dict[str, Any] | None = None
+    """The stage loop's :meth:`~stagelock.control.StageLoop.status` plus the
+    stage position (``position_um``) and the move from the start
+    (``offset_um``); None without feedback."""
 
     def as_dict(self) -> dict[str, Any]:
         """Return the fields as a plain dict (JSON-ready)."""
@@ -136,6 +155,11 @@ class Daemon:
         :data:`MeasurementHook` s run after each measurement.
     cleanup : sequence of callables
         Run last on shutdown (e.g. releasing a Micro-Manager core).
+    stage_loop : StageLoop, optional
+        Closed-loop correction: :meth:`StageLoop.update` is called with every
+        measured frame on the worker thread, and what it returns is sent on
+        ``stagelock.correction``. ``pause``/``resume`` pause and resume it too,
+        a new reference resets it (its start position and drift history).
 
     Notes
     -----
@@ -144,6 +168,9 @@ class Daemon:
         starting → referencing → measuring ⇄ paused
                          ↑  rereference ↓     measuring ⇄ source_lost
         any → stopping → stopped
+
+    ``paused`` stops measuring *and* correcting (the stage stays where it is);
+    ``resume`` restarts both, and also clears a stage-driver error.
 
     Threads: the source's (calls :meth:`_on_frame`: counts and puts in the slot),
     the worker (measures, owns the sinks and the publisher socket), the control
@@ -162,6 +189,7 @@ class Daemon:
         cleanup: Sequence[Callable[[], None]] = (),
         publish_endpoint: str | None = None,
         record_path: str | None = None,
+        stage_loop: StageLoop | None = None,
     ) -> None:
         self.config = config
         self.source = source
@@ -174,6 +202,9 @@ class Daemon:
         self.pixel_size_um = config.effective_pixel_size_um
         self._publish_endpoint = publish_endpoint
         self._record_path = record_path
+        self.stage_loop = stage_loop
+        if stage_loop is not None and stage_loop.on_alarm is None:
+            stage_loop.on_alarm = self._on_stage_alarm
 
         self._slot: LatestSlot[Frame] = LatestSlot()
         self._lock = threading.Lock()
@@ -228,7 +259,8 @@ class Daemon:
     def _cmd_pause(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
         """``{"command": "pause"}`` → ``{"ok": true, "state": "paused"}``.
 
-        ``stagelock ctl pause``: frames keep arriving and are dropped unmeasured.
+        ``stagelock ctl pause``: frames keep arriving and are dropped unmeasured;
+        the stage loop makes no correction until ``resume``.
         """
         self.pause()
         return {"state": DaemonState.PAUSED.value}
@@ -244,7 +276,8 @@ class Daemon:
     def _cmd_rereference(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
         """``{"command": "rereference"}`` → ``{"ok": true, "rereference": ...}``.
 
-        ``stagelock ctl rereference``: the next good frame becomes the reference.
+        ``stagelock ctl rereference``: the next good frame becomes the reference
+        (the stage loop starts afresh from there).
         """
         self.rereference()
         return {"rereference": "requested"}
@@ -265,6 +298,8 @@ class Daemon:
             if self._paused:
                 return
             self._paused = True
+        if self.stage_loop is not None:
+            self.stage_loop.pause()
         self._set_state(DaemonState.PAUSED)
 
     def resume(self) -> None:
@@ -274,6 +309,8 @@ class Daemon:
                 return
             self._paused = False
             has_ref = self._registrar is not None
+        if self.stage_loop is not None:
+            self.stage_loop.resume()
         self._set_state(DaemonState.MEASURING if has_ref else DaemonState.REFERENCING)
 
     def rereference(self) -> None:
@@ -295,6 +332,8 @@ class Daemon:
 
     def status(self) -> DaemonStatus:
         """Take a snapshot of counters, the last shift and the state."""
+        # the stage is read outside the daemon's lock (a device call)
+        stage = self._stage_status()
         with self._lock:
             last = self._last
             times = list(self._measure_times)
@@ -304,6 +343,9 @@ class Daemon:
                 else 0.0
             )
             est = last[1] if last else None
+            corrections = (
+                self._corrections if stage is None else int(stage["corrections"])
+            )
             return DaemonStatus(
                 state=self._state.value,
                 source=self.source.name,
@@ -319,13 +361,30 @@ class Daemon:
                 last_frame=last[0].index if last else None,
                 reference_frame=self._reference_frame,
                 references_taken=self._references_taken,
-                corrections=self._corrections,
+                corrections=corrections,
                 alarm=", ".join(sorted(self._alarms)) or None,
                 uptime_s=round(time.monotonic() - self._started_at, 3),
                 publish_endpoint=self._publish_endpoint,
                 control_endpoint=self.control.endpoint if self.control else None,
                 record_path=self._record_path,
+                stage=stage,
             )
+
+    def _stage_status(self) -> dict[str, Any] | None:
+        loop = self.stage_loop
+        if loop is None:
+            return None
+        out = dict(loop.status())
+        try:
+            x, y = loop.driver.get_position_um()
+        except Exception:  # a status request must never fail on the stage
+            out["position_um"] = None
+            out["offset_um"] = None
+            return out
+        out["position_um"] = [x, y]
+        start = loop.start_position_um
+        out["offset_um"] = None if start is None else [x - start[0], y - start[1]]
+        return out
 
     # -- running ----------------------------------------------------------------------
 
@@ -560,6 +619,9 @@ class Daemon:
             self._reference_frame = frame.index
             self._references_taken += 1
             paused = self._paused
+        if self.stage_loop is not None:
+            # a new reference is a new target: forget the old start and history
+            self.stage_loop.reset()
         logger.info(
             "reference taken: %s (%d template regions, strategy %s)",
             what,
@@ -597,24 +659,61 @@ class Daemon:
                     self._send(topic, extra)
             except Exception:
                 logger.exception("measurement hook %r failed", hook)
+        self._correct(frame, est)
         self._track_quality(frame, est)
         every = self.config.log.every_n_frames
         if every and n % every == 0:
-            st = self.status()
-            logger.info(
-                "%d frames measured (frame %d): dx=%.3f dy=%.3f px, confidence %.2f, "
-                "%s; %.1f fps, %d skipped",
-                n,
-                frame.index,
-                est.dx_px,
-                est.dy_px,
-                est.confidence,
-                est.status.value,
-                st.fps,
-                st.frames_skipped,
-            )
+            self._log_progress(n, frame, est)
         if self.config.frames is not None and n >= self.config.frames:
             self.request_stop(f"measured {n} frames")
+
+    def _log_progress(self, n: int, frame: Frame, est: ShiftEstimate) -> None:
+        st = self.status()
+        text = (
+            f"{n} frames measured (frame {frame.index}): dx={est.dx_px:+.3f} "
+            f"dy={est.dy_px:+.3f} px, confidence {est.confidence:.2f}, "
+            f"{est.status.value}; {st.fps:.1f} fps, {st.frames_skipped} skipped"
+        )
+        stage = st.stage
+        if stage is not None:
+            offset = stage.get("offset_um")
+            moved = (
+                f"stage moved {offset[0]:+.3f}, {offset[1]:+.3f} µm"
+                if offset is not None
+                else "stage position unknown"
+            )
+            text += (
+                f"; {moved}, {stage['corrections']} corrections (loop {stage['state']})"
+            )
+        logger.info("%s", text)
+
+    def _correct(self, frame: Frame, est: ShiftEstimate) -> None:
+        """Give the measurement to the stage loop; send what it decided."""
+        loop = self.stage_loop
+        if loop is None:
+            return
+        try:
+            correction = loop.update(frame.index, frame.time_s, est)
+        except Exception:  # the loop guards its driver; this is a bug, not a stop
+            logger.exception("frame %d: stage loop failed", frame.index)
+            return
+        if correction is not None:
+            self._send(CORRECTION_TOPIC, correction.to_message())
+        if loop.alarm is None:
+            # the loop clears its alarms silently; mirror that on the alarm topic
+            with self._lock:
+                standing = [a for a in self._alarms if a.startswith("stage_")]
+            for name in standing:
+                self._set_alarm(name, None)
+
+    def _on_stage_alarm(self, alarm: Alarm, message: str) -> None:
+        # called by the loop on the worker thread (in update) when it raises one
+        name = f"stage_{alarm.value}"
+        with self._lock:
+            others = [a for a in self._alarms if a.startswith("stage_") and a != name]
+        for other in others:
+            self._set_alarm(other, None)
+        self._set_alarm(name, message)
 
     def _shift_message(
         self, frame: Frame, est: ShiftEstimate, skipped: int
@@ -804,10 +903,12 @@ def build_source(config: Config) -> tuple[FrameSource, list[Callable[[], None]]]
             f"not available ({exc}); use --watch DIR (a folder source) instead"
         ) from None
     if kind == "simulated":
-        sim_core = create_simulated_core(
-            config.simulation.model_dump(exclude_none=True)
+        sim_core = create_simulated_core(config.simulation.microscope_settings())
+        sim = MMCoreSource(
+            sim_core,
+            interval_ms=config.simulation.frame_interval_ms,
+            name="simulated",
         )
-        sim = MMCoreSource(sim_core, interval_ms=0.0, name="simulated")
         return sim, [lambda: release_core(sim_core)]
     mm = config.source.micromanager
     from pymmcore_plus import CMMCorePlus
@@ -820,6 +921,13 @@ def build_source(config: Config) -> tuple[FrameSource, list[Callable[[], None]]]
             core.loadSystemConfiguration(str(mm.config_file))
         if mm.camera:
             core.setCameraDevice(mm.camera)
+        for device, prop, value in mm.properties:
+            try:
+                core.setProperty(device, prop, value)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"properties: cannot set {device}.{prop} = {value!r}: {exc}"
+                ) from None
         sequence = None
         if mm.mda_file is not None:
             import useq
@@ -853,7 +961,13 @@ def build_sinks(config: Config) -> tuple[list[ShiftSink], str | None, str | None
     if config.record.path is not None:
         try:
             sinks.append(
-                Recorder(config.record.path, fsync=config.record.flush == "fsync")
+                # JSON lines keep corrections and alarms next to the shifts;
+                # a CSV file takes only the shifts (its columns)
+                Recorder(
+                    config.record.path,
+                    topics=(SHIFT_TOPIC, CORRECTION_TOPIC, ALARM_TOPIC),
+                    fsync=config.record.flush == "fsync",
+                )
             )
         except (OSError, ValueError) as exc:
             raise DaemonError(f"record.path: {exc}") from None
@@ -871,8 +985,114 @@ def build_sinks(config: Config) -> tuple[list[ShiftSink], str | None, str | None
     return sinks, record_path, publisher.endpoint
 
 
+def build_stage_loop(config: Config, core: Any) -> StageLoop:
+    """Create the closed loop the ``[stage]`` section describes, on ``core``.
+
+    The calibration is read from ``stage.calibration_file``; without one (the
+    simulated microscope, or ``stage.auto_calibrate = true``) it is measured now
+    by moving the stage in a small pattern (:func:`stagelock.control.calibrate`),
+    so sign, scale, rotation and flip are found, never assumed.
+
+    Parameters
+    ----------
+    config : Config
+        With ``stage.feedback`` on.
+    core : CMMCorePlus
+        The loaded core whose camera is measured and whose XY stage is moved;
+        no acquisition may be running (the calibration snaps).
+
+    Returns
+    -------
+    StageLoop
+
+    Raises
+    ------
+    DaemonError
+        When the calibration file is missing or invalid, the calibration fails,
+        or the core has no usable XY stage; the message names the key.
+    """
+    from .control import MMStageDriver, StageLoop
+
+    stage = config.stage
+    try:
+        driver = MMStageDriver(core, stage.device)
+    except ValueError as exc:
+        raise DaemonError(f"stage.device: {exc}") from None
+    if stage.calibration_file is not None:
+        cal = _read_calibration(stage.calibration_file)
+        how = f"from {stage.calibration_file}"
+    else:
+        cal = _calibrate_now(config, core)
+        how = "measured at start-up"
+    logger.info(
+        "stage calibration %s: pixel size %.4f µm, rotation %+.2f°, flip %s, "
+        "residual %.3f px (%d images)",
+        how,
+        cal.pixel_size_um,
+        cal.rotation_deg,
+        "yes" if cal.flipped else "no",
+        cal.residual_px,
+        cal.n_points,
+    )
+    loop = StageLoop(driver, cal, stage)
+    logger.info(
+        "stage feedback on: %s, gain %g, dead band %g px, travel limit ±%g µm",
+        driver.device,
+        stage.gain,
+        stage.dead_band_px,
+        stage.travel_limit_um,
+    )
+    return loop
+
+
+def _read_calibration(path: Any) -> Calibration:
+    from .control import Calibration
+
+    try:
+        return Calibration.from_file(path)
+    except FileNotFoundError:
+        raise DaemonError(
+            f"stage.calibration_file: {path} does not exist; write it with "
+            "'stagelock calibrate --config FILE -o calibration.toml'"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise DaemonError(
+            f"stage.calibration_file: {exc}; write a new one with "
+            "'stagelock calibrate --config FILE -o calibration.toml'"
+        ) from None
+
+
+def _calibrate_now(config: Config, core: Any) -> Calibration:
+    from .control import CalibrationError, calibrate
+
+    opts = config.stage.calibration
+    logger.info("calibrating the stage (moves it in a small pattern, ~2 s)")
+    try:
+        return calibrate(
+            core,
+            device=config.stage.device,
+            step_um=opts.step_um,
+            target_shift_px=opts.target_shift_px,
+            pattern=opts.pattern,
+            approach_um=opts.approach_um,
+            settle_s=opts.settle_s,
+            max_residual_px=opts.max_residual_px,
+            max_anisotropy=opts.max_anisotropy,
+            move_timeout_s=opts.move_timeout_s,
+        )
+    except (CalibrationError, ValueError, TimeoutError, RuntimeError) as exc:
+        raise DaemonError(
+            f"stage: the start-up calibration failed: {exc} (is the sample in "
+            "focus and textured? or set stage.calibration_file from "
+            "'stagelock calibrate')"
+        ) from None
+
+
 def build_daemon(config: Config, *, notifier: SystemdNotifier | None = None) -> Daemon:
-    """Create a :class:`Daemon` with the source and sinks the config names.
+    """Create a :class:`Daemon` with the source, sinks and stage loop configured.
+
+    With ``stage.feedback`` on, the camera→stage calibration is read or measured
+    here, before any frame is acquired (see :func:`build_stage_loop`).
 
     Raises
     ------
@@ -880,9 +1100,22 @@ def build_daemon(config: Config, *, notifier: SystemdNotifier | None = None) -> 
         When a part cannot be created; nothing is left open.
     """
     sinks, record_path, endpoint = build_sinks(config)
+    cleanup: list[Callable[[], None]] = []
     try:
         source, cleanup = build_source(config)
+        loop = None
+        if config.stage.feedback:
+            core = getattr(source, "core", None)
+            if core is None:
+                raise DaemonError(
+                    "stage.feedback = true needs a Micro-Manager core; source "
+                    f"{source.name} has none (set stage.feedback = false)"
+                )
+            loop = build_stage_loop(config, core)
     except BaseException:
+        for fn in cleanup:
+            with contextlib.suppress(Exception):
+                fn()
         for sink in sinks:
             sink.close()
         raise
@@ -894,4 +1127,5 @@ def build_daemon(config: Config, *, notifier: SystemdNotifier | None = None) -> 
         cleanup=cleanup,
         publish_endpoint=endpoint,
         record_path=record_path,
+        stage_loop=loop,
     )

@@ -60,7 +60,12 @@ class StageSettings(BaseModel):
     device : str, optional
         XY stage label; default the core's current XY stage.
     calibration_file : path, optional
-        TOML written by ``stagelock calibrate``; required when ``feedback`` is on.
+        TOML written by ``stagelock calibrate``. Required when ``feedback`` is on,
+        unless ``auto_calibrate`` is set or the source is the simulated
+        microscope (both calibrate at start-up instead).
+    auto_calibrate : bool
+        Without ``calibration_file``: run the calibration on the live core when
+        the daemon starts, before measuring.
     gain : float
         Fraction of the measured residual corrected per move (0 < gain ≤ 1).
     dead_band_px : float
@@ -98,6 +103,7 @@ class StageSettings(BaseModel):
     feedback: bool = False
     device: str | None = None
     calibration_file: Path | None = None
+    auto_calibrate: bool = False
     gain: float = Field(default=0.7, gt=0, le=1)
     dead_band_px: float = Field(default=0.1, ge=0)
     max_step_um: float = Field(default=5.0, gt=0)

@@ -116,8 +116,8 @@ class SimulationSettings:
     flip_y: bool = False
     exposure_ms: float = 10.0
     peak_photons: float = 500.0
-    creep_um_per_s: tuple[float, float] = (0.3, -0.2)
-    random_walk_um_per_sqrt_s: float = 0.05
+    creep_um_per_s: tuple[float, float] = (0.05, -0.03)
+    random_walk_um_per_sqrt_s: float = 0.02
     bump_every_s: float = 0.0
     bump_um: float = 2.0
     stage_speed_um_per_s: float = 200.0
@@ -261,8 +261,8 @@ class DriftModel:
     def __init__(
         self,
         *,
-        creep_um_per_s: tuple[float, float] = (0.3, -0.2),
-        random_walk_um_per_sqrt_s: float = 0.05,
+        creep_um_per_s: tuple[float, float] = (0.05, -0.03),
+        random_walk_um_per_sqrt_s: float = 0.02,
         bump_every_s: float = 0.0,
         bump_um: float = 2.0,
         seed: int = 0,
