@@ -243,19 +243,22 @@ class RegionStack:
         """One Gauss-Newton step for every region from the common ``d``."""
         patches, valid = self.sample(frame, d_row, d_col)
         p = patches.shape[1]
-        centred = patches - patches.mean(axis=1, keepdims=True)
-        # B P, then c = N^-1 B P; the residual energy follows without forming it:
+        # B P, then c = N^-1 B P; with the constant in the basis the fit ignores
+        # the patch mean, and the residual energy follows without forming it:
         # |P - B^T c|^2 = |P|^2 - c . (B P)
-        bp = np.matmul(self.basis, centred[:, :, None])[:, :, 0].astype(np.float64)
+        bp = np.matmul(self.basis, patches[:, :, None])[:, :, 0].astype(np.float64)
         coef = np.einsum("nij,nj->ni", self.normal_inv, bp)
-        energy = np.einsum("np,np->n", centred, centred, dtype=np.float64)
+        # centred first: float32 sums of squares stay accurate whatever the offset
+        centred = patches - (bp[:, 3] / p).astype(np.float32)[:, None]
+        energy = np.einsum("np,np->n", centred, centred).astype(np.float64)
+        total = energy + bp[:, 3] * bp[:, 3] / p  # |P|^2 = centred energy + p mean^2
         gain = coef[:, 0]
         valid = valid & (gain > 0) & (energy > 0)
         safe = np.where(valid, gain, 1.0)
         # inverse composition: T(x + Δ) ~ I(x + d)  =>  d <- d - Δ
         est_col = np.where(valid, d_col - coef[:, 1] / safe, np.nan)
         est_row = np.where(valid, d_row - coef[:, 2] / safe, np.nan)
-        resid = np.clip(energy - np.einsum("ni,ni->n", coef, bp), 0.0, None)
+        resid = np.clip(total - np.einsum("ni,ni->n", coef, bp), 0.0, None)
         sigma2 = resid / max(p - 4, 1)
         cov = self._cov_unit * (sigma2 / (safe * safe))[:, None, None]
         den = self._t_norm * np.sqrt(np.where(energy > 0, energy, 1.0))
