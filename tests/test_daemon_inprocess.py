@@ -1,0 +1,244 @@
+"""The Daemon in-process: a tiny frame source of known shifts, real sinks.
+
+The source pushes frames rendered with exact sub-pixel shifts
+(:func:`stagelock.synthetic.drifting_stack`) from its own thread, as a camera
+would; a list sink records every message on the worker thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pytest
+
+from stagelock._config import validate_config
+from stagelock._daemon import Daemon
+from stagelock._sdnotify import SystemdNotifier
+from stagelock.sources import Frame, FrameSource
+from stagelock.synthetic import CameraNoise, drifting_stack
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Mapping
+
+SHAPE = (128, 128)
+
+
+class PushSource:
+    """Pushes prepared frames from its own thread.
+
+    ``paced``: wait for each frame to be measured before pushing the next (a
+    camera slower than the measurement); otherwise one frame every ``period_s``
+    (a camera faster than the measurement).
+    """
+
+    frames_at_start = True
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        *,
+        paced: Callable[[int], bool] | None,
+        period_s: float = 0.0,
+    ) -> None:
+        self.name = "push"
+        self.images = images
+        self.paced = paced
+        self.period_s = period_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.pushed = 0
+
+    def start(self, on_frame: Callable[[Frame], None]) -> None:
+        def run() -> None:
+            for i, image in enumerate(self.images):
+                if self._stop.is_set():
+                    return
+                on_frame(Frame(image, i, time.time(), self.name, {}))
+                self.pushed += 1
+                if self.paced is not None and not self.paced(i):
+                    return
+                if self.period_s:
+                    self._stop.wait(self.period_s)  # the camera's frame period
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+
+
+class ListSink:
+    """Keeps every message; optionally slow (a sink that blocks the worker)."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.messages: list[tuple[str, dict[str, Any]]] = []
+        self.cond = threading.Condition()
+        self.closed = False
+
+    def publish(self, topic: str, message: Mapping[str, Any]) -> None:
+        if self.delay_s and topic == "stagelock.shift":
+            time.sleep(self.delay_s)  # the slowness under test, not a wait
+        with self.cond:
+            self.messages.append((topic, dict(message)))
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        self.closed = True
+
+    def shifts(self) -> list[dict[str, Any]]:
+        with self.cond:
+            return [m for t, m in self.messages if t == "stagelock.shift"]
+
+    def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self.cond:
+            while not predicate():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    pytest.fail(f"timed out after {timeout_s} s; got {self.messages}")
+                self.cond.wait(remaining)
+
+    def n_shifts(self) -> int:
+        return sum(t == "stagelock.shift" for t, _ in self.messages)
+
+
+def make_truth(n: int, seed: int, still: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    steps = rng.normal(0.0, 0.7, size=(n, 2))
+    steps[: still + 1] = 0.0  # the first `still` frames do not move
+    shifts = np.cumsum(steps, axis=0)
+    frames = drifting_stack(
+        shifts, shape=SHAPE, noise=CameraNoise(peak_photons=2000), seed=seed
+    )
+    return shifts, frames
+
+
+@pytest.fixture
+def run_daemon() -> Iterator[Callable[..., Daemon]]:
+    made: list[Daemon] = []
+
+    def make(source: FrameSource, sink: ListSink, **config: Any) -> Daemon:
+        doc = {
+            "registration": {"max_shift_px": 20, "n_regions": 9},
+            "log": {"every_n_frames": 0},
+            **config,
+        }
+        daemon = Daemon(
+            validate_config(doc),
+            source,
+            sinks=[sink],
+            notifier=SystemdNotifier({}),
+            control=False,
+        )
+        made.append(daemon)
+        daemon.start()
+        return daemon
+
+    yield make
+    for daemon in made:
+        daemon.shutdown()
+
+
+def test_every_shift_within_005_px(run_daemon: Callable[..., Daemon]) -> None:
+    n = 25
+    shifts, frames = make_truth(n, seed=11)
+    sink = ListSink()
+
+    def paced(i: int) -> bool:  # next frame once this one was measured
+        sink.wait_for(lambda: sink.n_shifts() > i)
+        return True
+
+    daemon = run_daemon(PushSource(frames, paced=paced), sink)
+    sink.wait_for(lambda: sink.n_shifts() == n)
+    got = sink.shifts()
+    assert [m["frame"] for m in got] == list(range(n))
+    for msg, (dx, dy) in zip(got, shifts, strict=True):
+        assert msg["status"] == "ok" and msg["skipped"] == 0
+        assert abs(msg["dx_px"] - dx) < 0.05, (msg, dx)
+        assert abs(msg["dy_px"] - dy) < 0.05, (msg, dy)
+    st = daemon.status()
+    assert (st.frames_received, st.frames_measured, st.frames_skipped) == (n, n, 0)
+    assert st.reference_frame == 0 and st.state == "measuring"
+    assert st.corrections == 0 and st.stage is None  # no stage loop here
+
+
+def test_burst_into_a_slow_sink_counts_skipped(
+    run_daemon: Callable[..., Daemon],
+) -> None:
+    n = 40
+    shifts, frames = make_truth(n, seed=12)
+    sink = ListSink(delay_s=0.03)  # ~30 frames/s at most; the camera gives 200
+    source = PushSource(frames, paced=None, period_s=0.005)
+    daemon = run_daemon(source, sink)
+
+    def settled() -> bool:
+        st = daemon.status()
+        done = st.last_frame == n - 1 and st.frames_measured + st.frames_skipped == n
+        # counted before it is sent: wait for the sink to have the last one too
+        return done and any(m["frame"] == n - 1 for m in sink.shifts())
+
+    deadline = time.monotonic() + 15.0
+    while not settled():
+        assert time.monotonic() < deadline, daemon.status()
+        time.sleep(0.01)
+    st = daemon.status()
+    got = sink.shifts()
+    assert st.frames_received == n
+    assert st.frames_skipped > n // 2, "a fast camera into a slow sink skips frames"
+    assert st.frames_measured >= 4
+    assert len(got) == st.frames_measured
+    # the reference is the first frame measured; every gap is exactly `skipped`
+    ref = got[0]["frame"]
+    assert ref == got[0]["skipped"]
+    assert sum(m["skipped"] for m in got) == st.frames_skipped
+    for prev, msg in itertools.pairwise(got):
+        assert msg["frame"] - prev["frame"] - 1 == msg["skipped"]
+    assert got[-1]["frame"] == n - 1  # latest wins: the newest frame is measured
+    for msg in got:
+        i = msg["frame"]
+        assert abs(msg["dx_px"] - (shifts[i, 0] - shifts[ref, 0])) < 0.05, msg
+        assert abs(msg["dy_px"] - (shifts[i, 1] - shifts[ref, 1])) < 0.05, msg
+
+
+def test_mean_reference(run_daemon: Callable[..., Daemon]) -> None:
+    n, n_mean = 16, 5
+    # still during the first n_mean frames: their mean is the unshifted sample
+    shifts, frames = make_truth(n, seed=13, still=n_mean)
+    sink = ListSink()
+    holder: list[Daemon] = []
+
+    def paced(i: int) -> bool:
+        # the reference frames produce no message: wait until the worker took
+        # the frame out of the latest-wins slot instead (so none is skipped)
+        deadline = time.monotonic() + 10.0
+        while not holder or holder[0]._slot._has_item:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+    daemon = run_daemon(
+        PushSource(frames, paced=paced),
+        sink,
+        registration={"reference": "mean", "n_mean": n_mean, "max_shift_px": 20},
+    )
+    holder.append(daemon)
+    sink.wait_for(lambda: sink.n_shifts() == n)
+    got = sink.shifts()
+    assert [m["frame"] for m in got] == list(range(n))
+    for msg, (dx, dy) in zip(got, shifts, strict=True):
+        assert msg["status"] == "ok"
+        assert abs(msg["dx_px"] - dx) < 0.05, (msg, dx)
+        assert abs(msg["dy_px"] - dy) < 0.05, (msg, dy)
+    # averaging removes noise: the still frames scatter far less than 0.05 px
+    still = np.array([(m["dx_px"], m["dy_px"]) for m in got[:n_mean]])
+    assert np.abs(still).max() < 0.02
+    st = daemon.status()
+    assert st.reference_frame == n_mean - 1 and st.references_taken == 1
