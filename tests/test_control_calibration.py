@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Iterator  # noqa: TC003
-from pathlib import Path  # noqa: TC003
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest

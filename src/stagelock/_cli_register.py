@@ -16,7 +16,7 @@ import numpy.typing as npt
 from ._cli import CliError, add_verbosity
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 __all__ = ["StackReader", "add_commands", "register_file"]
 
@@ -239,21 +239,37 @@ def _fmt(value: float) -> str:
 
 
 def _write_aligned(
-    reader: StackReader, shifts: npt.NDArray[np.float64], output: Path, tick: Any
+    reader: StackReader,
+    shifts: npt.NDArray[np.float64],
+    output: Path,
+    tick: Callable[[], object],
 ) -> None:
+    """Write every plane shifted by its time point's shift, streaming.
+
+    Goes to ``OUTPUT.partial`` first and is renamed at the end, so an
+    interrupted run never leaves a truncated file under the final name.
+    """
     import tifffile
 
     from .registration import shift_image
 
+    def aligned_planes() -> Iterator[npt.NDArray[Any]]:
+        for t, plane in reader.planes():
+            dx, dy = shifts[t]
+            tick()
+            # unmeasurable frames are kept as they are rather than dropped
+            yield shift_image(plane, -dx, -dy) if np.isfinite(dx) else plane
+
     tmp = output.with_name(output.name + ".partial")
     try:
         with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
-            for t, plane in reader.planes():
-                dx, dy = shifts[t]
-                # unmeasurable frames are kept as they are rather than dropped
-                aligned = shift_image(plane, -dx, -dy) if np.isfinite(dx) else plane
-                tw.write(aligned, contiguous=True, metadata={"axes": reader.axes})
-                tick()
+            tw.write(
+                aligned_planes(),
+                shape=reader.shape,
+                dtype=reader.dtype,
+                photometric="minisblack",
+                metadata={"axes": reader.axes},
+            )
         tmp.replace(output)
     finally:
         tmp.unlink(missing_ok=True)
@@ -299,7 +315,7 @@ def _make_example(path: Path) -> Path:
     truth = random_drift(40, creep_px_per_frame=(0.15, -0.1), walk_px=0.2, seed=7)
     stack = drifting_stack(truth, shape=(256, 256), noise=CameraNoise(peak_photons=500))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(path, stack, metadata={"axes": "TYX"})
+    tifffile.imwrite(path, stack, photometric="minisblack", metadata={"axes": "TYX"})
     truth_path = path.with_suffix(".truth.csv")
     np.savetxt(
         truth_path,

@@ -259,7 +259,9 @@ class RegionStack:
         est_col = np.where(valid, d_col - coef[:, 1] / safe, np.nan)
         est_row = np.where(valid, d_row - coef[:, 2] / safe, np.nan)
         resid = np.clip(total - np.einsum("ni,ni->n", coef, bp), 0.0, None)
-        sigma2 = resid / max(p - 4, 1)
+        # float32 data cannot resolve residuals below ~1e-7 of the energy: floor
+        # there so a noiseless match gets a finite, equal-weight covariance
+        sigma2 = np.maximum(resid, 1e-7 * energy + 1e-30) / max(p - 4, 1)
         cov = self._cov_unit * (sigma2 / (safe * safe))[:, None, None]
         den = self._t_norm * np.sqrt(np.where(energy > 0, energy, 1.0))
         ncc = np.where(valid, bp[:, 0] / den, 0.0)

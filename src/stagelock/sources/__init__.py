@@ -12,9 +12,9 @@ from ._simulated import (
 
 __all__ = [
     "DriftModel",
+    "FolderSource",
     "Frame",
     "FrameCallback",
-    "FolderSource",
     "FrameSource",
     "MMCoreSource",
     "SimulatedMicroscope",
