@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import threading
+
     from rich.console import Console, RenderableType
 
 __all__ = [
@@ -57,6 +59,9 @@ FPS_WINDOW_S = 5.0
 """Shift messages received within this window give the displayed frame rate."""
 
 MISSING = "—"
+
+MAX_BATCH = 2000
+"""Messages handled per poll round at most, before the view is redrawn."""
 
 # statuses that still carry a usable shift, shown in yellow; the rest in red
 _WARN_STATUSES = frozenset({"low_confidence", "blank"})
@@ -365,10 +370,8 @@ def _status_cell(
     if silent >= silent_after_s:
         return f"silent for {silent:.0f} s", "bold red"
     if row.alarm:
-        text = f"ALARM {row.alarm}"
-        if row.alarm_message:
-            text += f": {row.alarm_message}"
-        return text, "bold red"
+        # the message goes under the table: a long one would squeeze the columns
+        return f"ALARM {row.alarm}", "bold red"
     parts = []
     style = "green"
     if row.state and row.state != "running":
@@ -389,7 +392,7 @@ def render(
     *,
     silent_after_s: float = 3.0,
     endpoints: Sequence[str] = (),
-    spark_width: int = 20,
+    spark_width: int = 16,
 ) -> RenderableType:
     """Build the monitor's view of ``state`` at time ``now``.
 
@@ -409,35 +412,36 @@ def render(
     Returns
     -------
     rich.console.RenderableType
-        A table with one row per source and a caption line.
+        A table with one row per source and a caption line, followed by one
+        line per active alarm with its message.
     """
+    from rich import box
+    from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     caption = (
-        f"{state.received} messages"
+        f"messages: {state.received}"
         + (f", {state.malformed} malformed" if state.malformed else "")
         + (f" · {', '.join(endpoints)}" if endpoints else "")
     )
     table = Table(
         title="stagelock monitor",
         caption=caption,
+        box=box.SIMPLE_HEAD,
         expand=False,
         pad_edge=False,
+        # the box's column divider is already a space: pad on one side only
+        padding=(0, 1, 0, 0),
         header_style="bold",
     )
-    table.add_column("source", no_wrap=True)
-    table.add_column("frame", justify="right")
-    table.add_column("dx px", justify="right")
-    table.add_column("dy px", justify="right")
-    table.add_column("dx µm", justify="right")
-    table.add_column("dy µm", justify="right")
-    table.add_column("conf", justify="right")
-    table.add_column("fps", justify="right")
-    table.add_column("skip", justify="right")
-    table.add_column("corr", justify="right")
-    table.add_column(f"|drift| last {HISTORY_LEN}", no_wrap=True)
-    table.add_column("status", overflow="fold")
+    # only the name may shrink (ellipsis); numbers never get cut
+    table.add_column("source", overflow="ellipsis", min_width=6)
+    for name in ("frame", "dx px", "dy px", "dx µm", "dy µm", "conf", "fps", "skip"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("corr", justify="right", no_wrap=True)
+    table.add_column(f"drift, last {HISTORY_LEN}", no_wrap=True)
+    table.add_column("status", no_wrap=True)
     if not state.sources:
         table.add_row(Text("waiting for messages…", style="dim"))
     for row in state.sources.values():
@@ -457,7 +461,12 @@ def render(
             Text(sparkline(row.drift_px, spark_width), style="cyan"),
             Text(text, style=style),
         )
-    return table
+    notes = [
+        Text(f"{row.source}: ALARM {row.alarm}: {row.alarm_message}", style="bold red")
+        for row in state.sources.values()
+        if row.alarm and row.alarm_message
+    ]
+    return Group(table, *notes) if notes else table
 
 
 def _connect(endpoints: Sequence[str]) -> tuple[Any, Any]:
@@ -485,6 +494,8 @@ def run_monitor(
     refresh_hz: float = 4.0,
     console: Console | None = None,
     stream: IO[str] | None = None,
+    state: MonitorState | None = None,
+    stop: threading.Event | None = None,
 ) -> MonitorState:
     """Subscribe to the daemons at ``endpoints`` and show them until stopped.
 
@@ -505,6 +516,11 @@ def run_monitor(
         Where the live table goes (default: a console on stdout).
     stream : text stream, optional
         Where JSON lines go (default: ``sys.stdout``).
+    state : MonitorState, optional
+        State to fold messages into (lets an embedding program or a test watch
+        it while the loop runs); a new one by default.
+    stop : threading.Event, optional
+        Set it from another thread to end the loop within one refresh period.
 
     Returns
     -------
@@ -520,7 +536,7 @@ def run_monitor(
 
     checked = [parse_endpoint(e) for e in endpoints] or [DEFAULT_ENDPOINT]
     out = sys.stdout if stream is None else stream
-    state = MonitorState()
+    state = MonitorState() if state is None else state
     context, sock = _connect(checked)
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
@@ -542,12 +558,15 @@ def run_monitor(
         next_draw = start
         while True:
             now = time.monotonic()
-            if deadline is not None and now >= deadline:
+            if (deadline is not None and now >= deadline) or (
+                stop is not None and stop.is_set()
+            ):
                 break
             wait_s = min(next_draw, deadline or next_draw) - now
             if poller.poll(max(0, round(wait_s * 1000))):
-                # drain everything queued so a burst never lags the display
-                while True:
+                # drain what is queued so a burst never lags the display, but
+                # bounded, so a flood cannot starve the redraw or the deadline
+                for _ in range(MAX_BATCH):
                     try:
                         parts = sock.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
