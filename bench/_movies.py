@@ -90,7 +90,7 @@ class MovieSpec:
 def _normalise(image: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
     img = np.asarray(image, dtype=np.float64)
     lo, hi = np.percentile(img, [0.1, 99.9])
-    return np.clip((img - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+    return np.asarray(np.clip((img - lo) / max(hi - lo, 1e-12), 0.0, 1.0), np.float64)
 
 
 def lattice_image(size: int, seed: int = 7) -> npt.NDArray[np.float64]:
@@ -129,8 +129,8 @@ def lattice_image(size: int, seed: int = 7) -> npt.NDArray[np.float64]:
         (1, 1, fx * fy),
     ):
         np.add.at(img, (y0 + oy, x0 + ox), amp * w)
-    img = cv2.GaussianBlur(img, (0, 0), 2.2)
-    return np.clip(img / np.percentile(img, 99.9), 0.0, 1.0)
+    blurred = np.asarray(cv2.GaussianBlur(img, (0, 0), 2.2), dtype=np.float64)
+    return np.clip(blurred / np.percentile(blurred, 99.9), 0.0, 1.0)
 
 
 def load_base(image: str) -> npt.NDArray[np.float64]:
@@ -170,8 +170,8 @@ def make_canvas(image: str, size: int) -> tuple[npt.NDArray[np.float64], int]:
         factor += 1
     if factor > 1:
         h, w = base.shape
-        base = cv2.resize(base, (w * factor, h * factor), interpolation=cv2.INTER_CUBIC)
-        base = np.clip(base, 0.0, 1.0)
+        big = cv2.resize(base, (w * factor, h * factor), interpolation=cv2.INTER_CUBIC)
+        base = np.clip(np.asarray(big, dtype=np.float64), 0.0, 1.0)
     h, w = base.shape
     y0, x0 = max(0, (h - need) // 2), max(0, (w - need) // 2)
     base = base[y0 : y0 + need, x0 : x0 + need]

@@ -47,16 +47,17 @@ def _central_box(h: int, w: int) -> tuple[int, int, int, int]:
     return w // 4, h // 4, w // 2, h // 2
 
 
-def _parabola(m: npt.NDArray[np.float32], x: int, y: int) -> tuple[float, float]:
+def _parabola(m: npt.NDArray[np.generic], x: int, y: int) -> tuple[float, float]:
     """3-point parabolic vertex around an integer peak of ``m`` at (x, y)."""
 
     def vertex(a: float, b: float, c: float) -> float:
         den = a - 2.0 * b + c
         return 0.0 if den >= 0 else 0.5 * (a - c) / den
 
-    h, w = m.shape
-    ox = vertex(m[y, x - 1], m[y, x], m[y, x + 1]) if 0 < x < w - 1 else 0.0
-    oy = vertex(m[y - 1, x], m[y, x], m[y + 1, x]) if 0 < y < h - 1 else 0.0
+    v = np.asarray(m, dtype=np.float64)
+    h, w = v.shape
+    ox = vertex(v[y, x - 1], v[y, x], v[y, x + 1]) if 0 < x < w - 1 else 0.0
+    oy = vertex(v[y - 1, x], v[y, x], v[y + 1, x]) if 0 < y < h - 1 else 0.0
     return x + ox, y + oy
 
 
@@ -130,7 +131,9 @@ def skimage_pcc(reference: npt.NDArray[np.generic]) -> Step:
     ref = np.asarray(reference)
 
     def step(frame: npt.NDArray[np.generic]) -> tuple[float, float]:
-        shift, _err, _phase = phase_cross_correlation(ref, frame, upsample_factor=100)
+        shift, _err, _phase = phase_cross_correlation(  # type: ignore[no-untyped-call]
+            ref, frame, upsample_factor=100
+        )
         return -float(shift[1]), -float(shift[0])
 
     return step

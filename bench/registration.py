@@ -300,7 +300,7 @@ def pc12_real(tools: dict[str, peers.Tool]) -> Row:
         pub = []
         for u, r in zip(unreg, reg, strict=True):
             c = (slice(24, -24), slice(24, -24))
-            shift, _e, _p = phase_cross_correlation(
+            shift, _e, _p = phase_cross_correlation(  # type: ignore[no-untyped-call]
                 r[c].astype(np.float64), u[c].astype(np.float64), upsample_factor=100
             )
             pub.append([round(-float(shift[1]), 3), round(-float(shift[0]), 3)])
