@@ -60,12 +60,19 @@ FPS_WINDOW_S = 5.0
 
 MISSING = "—"
 
+COMPACT_BELOW = 110
+"""Terminal width under which :func:`render` drops the frame and µm columns."""
+_WIDE_ONLY = frozenset({"frame", "dx µm", "dy µm"})
+
 MAX_BATCH = 2000
 """Messages handled per poll round at most, before the view is redrawn."""
 
 # statuses that still carry a usable shift, shown in yellow; the rest in red
 _WARN_STATUSES = frozenset({"low_confidence", "blank"})
 _OK_STATUSES = frozenset({"ok"})
+# daemon states: "measuring" is the daemon's word, "running" the wire spec's
+_NORMAL_STATES = frozenset({"running", "measuring"})
+_BAD_STATES = frozenset({"source_lost", "stopped", "error"})
 
 _ENDPOINT_RE = re.compile(
     r"^tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-*]+):(?P<port>\d{1,5})$"
@@ -131,7 +138,8 @@ class SourceState:
 
     Fields are ``None`` until a message has carried them. Times called
     ``*_at`` are the monitor's own clock (the ``now`` passed to
-    :meth:`MonitorState.update`), not the daemon's.
+    :meth:`MonitorState.update`), not the daemon's. ``alarms`` maps each
+    standing alarm's name to its message ("" when only the heartbeat named it).
     """
 
     source: str
@@ -151,8 +159,7 @@ class SourceState:
     corrections_seen: int = 0
     stage_x_um: float | None = None
     stage_y_um: float | None = None
-    alarm: str | None = None
-    alarm_message: str | None = None
+    alarms: dict[str, str] = field(default_factory=dict)
     shifts_received: int = 0
     last_seen_at: float | None = None
     shift_arrivals: deque[float] = field(default_factory=lambda: deque(maxlen=256))
@@ -199,15 +206,24 @@ class MonitorState:
         known topic with an unexpected ``schema`` major.
     ignored : int
         Well-formed messages on topics the monitor does not display (logs).
+    origins : dict of str to str
+        Last ``source`` seen from each endpoint, to attribute messages that
+        lack one.
     """
 
     sources: dict[str, SourceState] = field(default_factory=dict)
     received: int = 0
     malformed: int = 0
     ignored: int = 0
+    origins: dict[str, str] = field(default_factory=dict)
 
     def update(
-        self, topic: bytes | str, message: bytes | str | Mapping[str, Any], now: float
+        self,
+        topic: bytes | str,
+        message: bytes | str | Mapping[str, Any],
+        now: float,
+        *,
+        origin: str | None = None,
     ) -> bool:
         """Fold one message into the state.
 
@@ -219,6 +235,10 @@ class MonitorState:
             The UTF-8 JSON payload, or an already decoded object.
         now : float
             The monitor's clock in seconds (``time.monotonic()`` in the loop).
+        origin : str, optional
+            The endpoint it came from. A message without a ``source`` field is
+            attributed to the last source seen from the same origin (or, with
+            no origin, to the only source known).
 
         Returns
         -------
@@ -235,12 +255,13 @@ class MonitorState:
         if handler is None:
             self.ignored += 1
             return False
-        source = _text(decoded.get("source"))
         schema = decoded.get("schema")
         # a different major version may mean different units: refuse, don't guess
-        if source is None or (
-            isinstance(schema, str) and not schema.startswith(f"{name}/1")
-        ):
+        if isinstance(schema, str) and not schema.startswith(f"{name}/1"):
+            self.malformed += 1
+            return False
+        source = self._attribute(_text(decoded.get("source")), origin)
+        if source is None:
             self.malformed += 1
             return False
         row = self.sources.get(source)
@@ -249,6 +270,19 @@ class MonitorState:
         row.last_seen_at = now
         handler(row, decoded, now)
         return True
+
+    def _attribute(self, source: str | None, origin: str | None) -> str | None:
+        """Name the row a message belongs to, or None if it cannot be known."""
+        if source is not None:
+            if origin is not None:
+                self.origins[origin] = source
+            return source
+        if origin is not None:
+            # e.g. corrections and alarms that do not repeat the source name
+            return self.origins.get(origin, origin)
+        if len(self.sources) == 1:
+            return next(iter(self.sources))
+        return None
 
 
 def _decode(message: bytes | str | Mapping[str, Any]) -> dict[str, Any] | None:
@@ -288,11 +322,11 @@ def _on_status(row: SourceState, msg: dict[str, Any], now: float) -> None:
     skipped = _integer(msg.get("frames_skipped"))
     if skipped is not None:
         row.skipped = skipped
-    # the heartbeat is authoritative for the alarm: null clears it, absent keeps it
+    # the heartbeat is authoritative: null clears every alarm, a (comma-separated)
+    # name list keeps those, an absent field changes nothing
     if "alarm" in msg:
-        row.alarm = _text(msg.get("alarm"))
-        if row.alarm is None:
-            row.alarm_message = None
+        names = [a.strip() for a in (_text(msg.get("alarm")) or "").split(",")]
+        row.alarms = {a: row.alarms.get(a, "") for a in names if a}
 
 
 def _on_correction(row: SourceState, msg: dict[str, Any], now: float) -> None:
@@ -304,8 +338,11 @@ def _on_correction(row: SourceState, msg: dict[str, Any], now: float) -> None:
 
 
 def _on_alarm(row: SourceState, msg: dict[str, Any], now: float) -> None:
-    row.alarm = _text(msg.get("alarm")) or "alarm"
-    row.alarm_message = _text(msg.get("message"))
+    name = _text(msg.get("alarm")) or "alarm"
+    if msg.get("active") is False:
+        row.alarms.pop(name, None)
+    else:
+        row.alarms[name] = _text(msg.get("message")) or ""
 
 
 _HANDLERS = {
@@ -369,14 +406,14 @@ def _status_cell(
     silent = row.silent_s(now)
     if silent >= silent_after_s:
         return f"silent for {silent:.0f} s", "bold red"
-    if row.alarm:
-        # the message goes under the table: a long one would squeeze the columns
-        return f"ALARM {row.alarm}", "bold red"
+    if row.alarms:
+        # the messages go under the table: long ones would squeeze the columns
+        return f"ALARM {', '.join(row.alarms)}", "bold red"
     parts = []
     style = "green"
-    if row.state and row.state != "running":
+    if row.state and row.state not in _NORMAL_STATES:
         parts.append(row.state)
-        style = "yellow"
+        style = "red" if row.state in _BAD_STATES else "yellow"
     if row.status:
         parts.append(row.status)
         if row.status in _WARN_STATUSES:
@@ -393,6 +430,7 @@ def render(
     silent_after_s: float = 3.0,
     endpoints: Sequence[str] = (),
     spark_width: int = 16,
+    width: int | None = None,
 ) -> RenderableType:
     """Build the monitor's view of ``state`` at time ``now``.
 
@@ -408,6 +446,10 @@ def render(
         Shown in the caption.
     spark_width : int
         Characters of the drift sparkline (the last 60 values merged into it).
+    width : int, optional
+        Terminal width. Below ``COMPACT_BELOW`` columns the frame and µm
+        columns are left out and the sparkline halved, so that the numbers that
+        matter are never cut.
 
     Returns
     -------
@@ -435,11 +477,25 @@ def render(
         padding=(0, 1, 0, 0),
         header_style="bold",
     )
+    compact = width is not None and width < COMPACT_BELOW
+    if compact:
+        spark_width = max(4, spark_width // 2)
     # only the name may shrink (ellipsis); numbers never get cut
     table.add_column("source", overflow="ellipsis", min_width=6)
-    for name in ("frame", "dx px", "dy px", "dx µm", "dy µm", "conf", "fps", "skip"):
-        table.add_column(name, justify="right", no_wrap=True)
-    table.add_column("corr", justify="right", no_wrap=True)
+    numeric = [
+        "frame",
+        "dx px",
+        "dy px",
+        "dx µm",
+        "dy µm",
+        "conf",
+        "fps",
+        "skip",
+        "corr",
+    ]
+    for name in numeric:
+        if not (compact and name in _WIDE_ONLY):
+            table.add_column(name, justify="right", no_wrap=True)
     table.add_column(f"drift, last {HISTORY_LEN}", no_wrap=True)
     table.add_column("status", no_wrap=True)
     if not state.sources:
@@ -447,42 +503,49 @@ def render(
     for row in state.sources.values():
         text, style = _status_cell(row, now, silent_after_s)
         conf_style = "yellow" if row.status in _WARN_STATUSES else ""
+        cells: dict[str, str | Text] = {
+            "frame": _fmt(row.frame, "d"),
+            "dx px": _fmt(row.dx_px, "+.2f"),
+            "dy px": _fmt(row.dy_px, "+.2f"),
+            "dx µm": _fmt(row.dx_um, "+.3f"),
+            "dy µm": _fmt(row.dy_um, "+.3f"),
+            "conf": Text(_fmt(row.confidence, ".2f"), style=conf_style),
+            "fps": _fmt(row.fps(now), ".1f"),
+            "skip": _fmt(row.skipped, "d"),
+            "corr": _fmt(row.corrections, "d"),
+        }
         table.add_row(
             Text(row.source, style="bold"),
-            _fmt(row.frame, "d"),
-            _fmt(row.dx_px, "+.2f"),
-            _fmt(row.dy_px, "+.2f"),
-            _fmt(row.dx_um, "+.3f"),
-            _fmt(row.dy_um, "+.3f"),
-            Text(_fmt(row.confidence, ".2f"), style=conf_style),
-            _fmt(row.fps(now), ".1f"),
-            _fmt(row.skipped, "d"),
-            _fmt(row.corrections, "d"),
+            *(v for k, v in cells.items() if not (compact and k in _WIDE_ONLY)),
             Text(sparkline(row.drift_px, spark_width), style="cyan"),
             Text(text, style=style),
         )
     notes = [
-        Text(f"{row.source}: ALARM {row.alarm}: {row.alarm_message}", style="bold red")
+        Text(f"{row.source}: ALARM {name}: {message}", style="bold red")
         for row in state.sources.values()
-        if row.alarm and row.alarm_message
+        for name, message in row.alarms.items()
+        if message
     ]
     return Group(table, *notes) if notes else table
 
 
-def _connect(endpoints: Sequence[str]) -> tuple[Any, Any]:
+def _connect(endpoints: Sequence[str]) -> tuple[Any, dict[Any, str]]:
+    """One SUB socket per endpoint, so each message's origin is known."""
     import zmq
 
     context = zmq.Context()
-    sock = context.socket(zmq.SUB)
-    sock.setsockopt(zmq.LINGER, 0)
-    # a restarted daemon is found again within ~0.2 s rather than the default back-off
-    sock.setsockopt(zmq.RECONNECT_IVL, 200)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-    sock.setsockopt(zmq.RCVHWM, 10_000)
-    sock.setsockopt(zmq.SUBSCRIBE, TOPIC_PREFIX)
+    sockets = {}
     for endpoint in endpoints:
+        sock = context.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        # a restarted daemon is found again within ~0.2 s, not the default back-off
+        sock.setsockopt(zmq.RECONNECT_IVL, 200)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.setsockopt(zmq.RCVHWM, 10_000)
+        sock.setsockopt(zmq.SUBSCRIBE, TOPIC_PREFIX)
         sock.connect(endpoint)
-    return context, sock
+        sockets[sock] = endpoint
+    return context, sockets
 
 
 def run_monitor(
@@ -537,24 +600,28 @@ def run_monitor(
     checked = [parse_endpoint(e) for e in endpoints] or [DEFAULT_ENDPOINT]
     out = sys.stdout if stream is None else stream
     state = MonitorState() if state is None else state
-    context, sock = _connect(checked)
+    context, sockets = _connect(checked)
     poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
+    for sock in sockets:
+        poller.register(sock, zmq.POLLIN)
     start = time.monotonic()
     deadline = None if duration_s is None else start + duration_s
     period_s = 1.0 / refresh_hz
     live = None
+
+    def view(now: float) -> RenderableType:
+        width = live.console.width if live is not None else None
+        return render(
+            state, now, silent_after_s=silent_after_s, endpoints=checked, width=width
+        )
+
     try:
         if not json_output:
             from rich.live import Live
 
-            live = Live(
-                render(state, start, silent_after_s=silent_after_s, endpoints=checked),
-                console=console,
-                auto_refresh=False,
-                transient=False,
-            )
+            live = Live(console=console, auto_refresh=False, transient=False)
             live.start()
+            live.update(view(start), refresh=True)
         next_draw = start
         while True:
             now = time.monotonic()
@@ -563,7 +630,7 @@ def run_monitor(
             ):
                 break
             wait_s = min(next_draw, deadline or next_draw) - now
-            if poller.poll(max(0, round(wait_s * 1000))):
+            for sock, _ in poller.poll(max(0, round(wait_s * 1000))):
                 # drain what is queued so a burst never lags the display, but
                 # bounded, so a flood cannot starve the redraw or the deadline
                 for _ in range(MAX_BATCH):
@@ -572,44 +639,42 @@ def run_monitor(
                     except zmq.Again:
                         break
                     _handle(
-                        state, parts, time.monotonic(), out if json_output else None
+                        state,
+                        parts,
+                        time.monotonic(),
+                        sockets[sock],
+                        out if json_output else None,
                     )
             now = time.monotonic()
             if now >= next_draw:
                 if live is not None:
-                    view = render(
-                        state, now, silent_after_s=silent_after_s, endpoints=checked
-                    )
-                    live.update(view, refresh=True)
+                    live.update(view(now), refresh=True)
                 next_draw = now + period_s
     except KeyboardInterrupt:
         pass
     finally:
         if live is not None:
-            live.update(
-                render(
-                    state,
-                    time.monotonic(),
-                    silent_after_s=silent_after_s,
-                    endpoints=checked,
-                ),
-                refresh=True,
-            )
+            live.update(view(time.monotonic()), refresh=True)
             live.stop()
-        sock.close(linger=0)
+        for sock in sockets:
+            sock.close(linger=0)
         context.term()
     return state
 
 
 def _handle(
-    state: MonitorState, parts: list[bytes], now: float, out: IO[str] | None
+    state: MonitorState,
+    parts: list[bytes],
+    now: float,
+    origin: str,
+    out: IO[str] | None,
 ) -> None:
     if len(parts) != 2:
         state.received += 1
         state.malformed += 1
         return
     topic, payload = parts
-    state.update(topic, payload, now)
+    state.update(topic, payload, now, origin=origin)
     if out is None:
         return
     decoded = _decode(payload)
