@@ -45,6 +45,7 @@ __all__ = [
 
 INSTALL_HINT = 'pip install "stagelock[plot]"'
 REQUIRED_COLUMNS = ("frame", "dx_px", "dy_px")
+_SHIFT_KINDS = frozenset({"stagelock.shift", "shift", ""})
 _NULLS = frozenset({"", "nan", "NaN", "null", "None", "none", "NA"})
 
 FloatArray = npt.NDArray[np.float64]
@@ -265,8 +266,12 @@ def load_record(path: str | Path) -> DriftRecord:
                 )
             )
             continue
-        if "dx_px" not in row and "dy_px" not in row:
-            # status/alarm/log rows a daemon may interleave: not frames
+        kind = row.get("topic") or row.get("kind")
+        if (isinstance(kind, str) and kind not in _SHIFT_KINDS) or (
+            "dx_px" not in row and "dy_px" not in row
+        ):
+            # status/alarm/log rows a daemon interleaves (a heartbeat also has
+            # dx_px/dy_px, so the topic decides): not frames
             continue
         for key, values in columns.items():
             values.append(_float(row.get(key), where, key))
@@ -458,6 +463,7 @@ def plot_record(
         )
         ax_xy.legend(loc="best", fontsize="small")
     ax_xy.set_aspect("equal", adjustable="datalim")
+    ax_xy.locator_params(axis="x", nbins=5)
     # image orientation: +dy is +rows, i.e. down on screen
     ax_xy.invert_yaxis()
     ax_xy.set_xlabel("dx (px)")
