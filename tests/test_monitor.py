@@ -329,6 +329,10 @@ def test_sourceless_messages_are_attributed_by_origin_endpoint() -> None:
     # nothing seen yet from that endpoint: the row is named after it
     assert state.update("stagelock.correction", correction, 2.0, origin="tcp://c:1")
     assert "tcp://c:1" in state.sources
+    # the same name from a second endpoint is a second microscope, not the same row
+    state.update("stagelock.shift", shift("scope-a", 5), 3.0, origin="tcp://d:1")
+    assert state.sources["scope-a"].frame == 1
+    assert state.sources["scope-a (tcp://d:1)"].frame == 5
     # no origin and several sources: cannot be attributed
     assert not state.update("stagelock.correction", correction, 2.0)
     assert state.malformed == 1

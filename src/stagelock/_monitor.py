@@ -207,8 +207,11 @@ class MonitorState:
     ignored : int
         Well-formed messages on topics the monitor does not display (logs).
     origins : dict of str to str
-        Last ``source`` seen from each endpoint, to attribute messages that
-        lack one.
+        Last row name seen from each endpoint, to attribute messages that
+        lack a ``source``.
+    homes : dict of str to str
+        The endpoint each ``source`` name was first seen from; the same name
+        from another endpoint gets its own row, named ``"NAME (ENDPOINT)"``.
     """
 
     sources: dict[str, SourceState] = field(default_factory=dict)
@@ -216,6 +219,7 @@ class MonitorState:
     malformed: int = 0
     ignored: int = 0
     origins: dict[str, str] = field(default_factory=dict)
+    homes: dict[str, str] = field(default_factory=dict)
 
     def update(
         self,
@@ -275,6 +279,9 @@ class MonitorState:
         """Name the row a message belongs to, or None if it cannot be known."""
         if source is not None:
             if origin is not None:
+                # two daemons may share a name ("simulated"): keep them apart
+                if self.homes.setdefault(source, origin) != origin:
+                    source = f"{source} ({origin})"
                 self.origins[origin] = source
             return source
         if origin is not None:
