@@ -322,7 +322,7 @@ def test_closed_loop_holds_the_image_while_open_loop_drifts(
         timeout=20,
     )
     assert out.returncode == 0, out.stderr
-    assert "corrections" in out.stdout and "stage moved" in out.stdout
+    assert "corrections" in out.stdout and "µm from start" in out.stdout
 
     # sd_notify through the running daemon, then STOPPING=1 on SIGTERM
     before = notify.notes()
@@ -366,7 +366,7 @@ def test_quickstart_run_without_config_corrects_and_records_csv(
     log = run.log()
     assert "stage calibration measured at start-up: pixel size 0.65" in log
     assert "stage feedback on: XYStage" in log
-    assert "10 frames measured (frame" in log and "corrections (loop" in log
+    assert "10 frames measured (frame" in log and "µm from start" in log
     assert "stopping: measured 15 frames" in log
     with record.open(newline="") as fh:
         rows = list(csv.DictReader(fh))

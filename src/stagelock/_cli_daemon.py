@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -144,19 +145,28 @@ def _run(args: argparse.Namespace) -> int:
     except DaemonError as exc:
         raise CliError(str(exc)) from None
 
+    # the handler reaches the daemon through a list, so it can be dropped below
+    running = [daemon]
+    del daemon
+
     def _on_signal(signum: int, _frame: object) -> None:
-        daemon.request_stop(f"signal {signal.Signals(signum).name}")
+        for d in running:
+            d.request_stop(f"signal {signal.Signals(signum).name}")
 
     previous = {
         s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)
     }
     try:
-        return daemon.run()
+        return running[0].run()
     except DaemonError as exc:
         raise CliError(str(exc)) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        # a Micro-Manager core still alive at interpreter exit sometimes aborts
+        # the process (exit 134): drop the daemon, and with it the core, now
+        running.clear()
+        gc.collect()
 
 
 def format_status(reply: dict[str, Any]) -> str:
@@ -192,7 +202,7 @@ def _stage_line(stage: Any) -> str:
         return " (no stage feedback)"
     offset = stage.get("offset_um")
     moved = (
-        f"stage moved {offset[0]:+.3f}, {offset[1]:+.3f} µm"
+        f"stage {offset[0]:+.3f}, {offset[1]:+.3f} µm from start"
         if isinstance(offset, list) and len(offset) == 2
         else "stage position unknown"
     )

@@ -477,6 +477,8 @@ class Daemon:
                 if self._worker.is_alive():
                     logger.error("the worker did not finish within %.1f s", timeout_s)
         finally:
+            # read the stage before the clean-ups release the core
+            final_stage = self._stage_status()
             for sink in self.sinks:
                 try:
                     sink.close()
@@ -492,10 +494,11 @@ class Daemon:
             self._set_state(DaemonState.STOPPED)
             st = self.status()
             logger.info(
-                "stopped: %d frames measured, %d skipped, %d failed",
+                "stopped: %d frames measured, %d skipped, %d failed%s",
                 st.frames_measured,
                 st.frames_skipped,
                 st.frames_failed,
+                "" if final_stage is None else "; " + _stage_summary(final_stage),
             )
             self.notifier.close()
 
@@ -674,17 +677,8 @@ class Daemon:
             f"dy={est.dy_px:+.3f} px, confidence {est.confidence:.2f}, "
             f"{est.status.value}; {st.fps:.1f} fps, {st.frames_skipped} skipped"
         )
-        stage = st.stage
-        if stage is not None:
-            offset = stage.get("offset_um")
-            moved = (
-                f"stage moved {offset[0]:+.3f}, {offset[1]:+.3f} µm"
-                if offset is not None
-                else "stage position unknown"
-            )
-            text += (
-                f"; {moved}, {stage['corrections']} corrections (loop {stage['state']})"
-            )
+        if st.stage is not None:
+            text += "; " + _stage_summary(st.stage)
         logger.info("%s", text)
 
     def _correct(self, frame: Frame, est: ShiftEstimate) -> None:
@@ -857,6 +851,21 @@ class Daemon:
                 f"{st.state}: {st.frames_measured} frames measured, last {shift}, "
                 f"{st.fps:.1f} fps"
             )
+
+
+def _stage_summary(stage: Mapping[str, Any]) -> str:
+    """``stage +0.62, -0.34 µm from start, 11 corrections, loop tracking``."""
+    offset = stage.get("offset_um")
+    where = (
+        f"stage {offset[0]:+.3f}, {offset[1]:+.3f} µm from start"
+        if offset is not None
+        else "stage position unknown"
+    )
+    n = stage["corrections"]
+    text = f"{where}, {n} correction{'' if n == 1 else 's'}, loop {stage['state']}"
+    if stage.get("alarm"):
+        text += f", alarm {stage['alarm']}"
+    return text
 
 
 def _finite(value: float) -> float | None:
