@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from stagelock._config import validate_config
-from stagelock._daemon import Daemon
+from stagelock._daemon import Daemon, build_source, build_stage_loop
 from stagelock._sdnotify import SystemdNotifier
 from stagelock.sources import Frame, FrameSource
 from stagelock.synthetic import CameraNoise, drifting_stack
@@ -242,3 +242,72 @@ def test_mean_reference(run_daemon: Callable[..., Daemon]) -> None:
     assert np.abs(still).max() < 0.02
     st = daemon.status()
     assert st.reference_frame == n_mean - 1 and st.references_taken == 1
+
+
+def test_stage_alarm_reaches_the_alarm_topic_and_rereference_resets_the_loop() -> None:
+    """A real simulated core and StageLoop: the travel limit raises an alarm."""
+    config = validate_config(
+        {
+            "simulation": {
+                "shape_px": [160, 160],
+                "pixel_size_um": 0.5,
+                "exposure_ms": 5.0,
+                "frame_interval_ms": 20.0,
+                "peak_photons": 2000.0,
+                "creep_um_per_s": [0.8, 0.0],
+                "random_walk_um_per_sqrt_s": 0.0,
+                "stage_speed_um_per_s": 1000.0,
+                "stage_settle_ms": 5.0,
+            },
+            "stage": {"feedback": True, "travel_limit_um": 0.6},
+            "log": {"every_n_frames": 0},
+        }
+    )
+    source, cleanup = build_source(config)
+    sink = ListSink()
+    try:
+        loop = build_stage_loop(config, source.core)  # type: ignore[attr-defined]
+    except BaseException:
+        for fn in cleanup:
+            fn()
+        raise
+    daemon = Daemon(
+        config,
+        source,
+        sinks=[sink],
+        notifier=SystemdNotifier({}),
+        control=False,
+        cleanup=cleanup,
+        stage_loop=loop,
+    )
+
+    def alarms(active: bool) -> list[dict[str, Any]]:
+        return [
+            m
+            for t, m in sink.messages
+            if t == "stagelock.alarm"
+            and m["alarm"] == "stage_travel_limit"
+            and m["active"] is active
+        ]
+
+    try:
+        daemon.start()
+        # 1.6 px/s of creep: the 0.6 µm travel limit is reached in under a second
+        sink.wait_for(lambda: len(alarms(True)) == 1, timeout_s=15.0)
+        st = daemon.status()
+        assert st.stage is not None and st.stage["alarm"] == "travel_limit"
+        assert "stage_travel_limit" in (st.alarm or "")
+        clipped = [
+            m
+            for t, m in sink.messages
+            if t == "stagelock.correction" and m["status"] == "clipped"
+        ]
+        assert clipped and clipped[0]["alarm"] == "travel_limit"
+        assert st.stage["max_travel_um"] == pytest.approx(0.6, abs=1e-6)
+        assert st.corrections == st.stage["corrections"] >= 3
+        # a new reference is a new start: the loop may move again, alarm cleared
+        daemon.rereference()
+        sink.wait_for(lambda: len(alarms(False)) == 1, timeout_s=15.0)
+        assert daemon.status().references_taken == 2
+    finally:
+        daemon.shutdown()
