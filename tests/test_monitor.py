@@ -331,8 +331,12 @@ def test_sourceless_messages_are_attributed_by_origin_endpoint() -> None:
     assert "tcp://c:1" in state.sources
     # the same name from a second endpoint is a second microscope, not the same row
     state.update("stagelock.shift", shift("scope-a", 5), 3.0, origin="tcp://d:1")
-    assert state.sources["scope-a"].frame == 1
-    assert state.sources["scope-a (tcp://d:1)"].frame == 5
+    assert state.sources["scope-a @a:1"].frame == 1
+    assert state.sources["scope-a @d:1"].frame == 5
+    assert "scope-a" not in state.sources
+    # later source-less messages from the first endpoint still find its row
+    state.update("stagelock.correction", correction, 3.0, origin="tcp://a:1")
+    assert state.sources["scope-a @a:1"].stage_x_um == 7.0
     # no origin and several sources: cannot be attributed
     assert not state.update("stagelock.correction", correction, 2.0)
     assert state.malformed == 1
@@ -365,10 +369,14 @@ def test_malformed_and_partial_messages_are_counted_never_raised() -> None:
     assert "4 malformed" in text_of(render(state, 2.0))
 
 
-def test_sparkline_scales_to_max_and_keeps_spikes() -> None:
+def test_sparkline_scales_to_its_range_and_keeps_spikes() -> None:
     assert sparkline([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]) == "▁▂▃▄▅▆▇█"
+    # a creep from 1.5 to 1.85 px still shows its rise
+    assert sparkline([1.5, 1.6, 1.7, 1.85]) == "▁▃▅█"
+    # noise far below min_span stays flat instead of filling the range
+    assert sparkline([0.010, 0.012, 0.011], min_span=0.1) == "▁▁▁"
     assert sparkline([0.0, 0.0]) == "▁▁"
-    assert sparkline([1.0, math.nan, 1.0]) == "█ █"
+    assert sparkline([1.0, math.nan, 1.0]) == "▁ ▁"
     assert sparkline([]) == ""
     # 6 values into 3 characters: each is the max of its pair, so the spike survives
     assert sparkline([0.0, 0.0, 0.0, 8.0, 0.0, 4.0], width=3) == "▁█▅"

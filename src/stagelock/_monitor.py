@@ -210,8 +210,9 @@ class MonitorState:
         Last row name seen from each endpoint, to attribute messages that
         lack a ``source``.
     homes : dict of str to str
-        The endpoint each ``source`` name was first seen from; the same name
-        from another endpoint gets its own row, named ``"NAME (ENDPOINT)"``.
+        The endpoint each ``source`` name was first seen from. When the same
+        name comes from a second endpoint, both rows get the endpoint in their
+        label (``"simulated :5556"``, ``"simulated @scope-2:5556"``).
     """
 
     sources: dict[str, SourceState] = field(default_factory=dict)
@@ -279,9 +280,11 @@ class MonitorState:
         """Name the row a message belongs to, or None if it cannot be known."""
         if source is not None:
             if origin is not None:
-                # two daemons may share a name ("simulated"): keep them apart
-                if self.homes.setdefault(source, origin) != origin:
-                    source = f"{source} ({origin})"
+                home = self.homes.setdefault(source, origin)
+                if home != origin:
+                    # two daemons share a name ("simulated"): label both rows
+                    self._relabel(source, home)
+                    source = f"{source} {_short(origin)}"
                 self.origins[origin] = source
             return source
         if origin is not None:
@@ -290,6 +293,25 @@ class MonitorState:
         if len(self.sources) == 1:
             return next(iter(self.sources))
         return None
+
+    def _relabel(self, source: str, home: str) -> None:
+        """Rename the first row of a shared name to carry its endpoint too."""
+        row = self.sources.pop(source, None)
+        label = f"{source} {_short(home)}"
+        if row is not None:
+            row.source = label
+            self.sources[label] = row
+        if self.origins.get(home) == source:
+            self.origins[home] = label
+
+
+def _short(endpoint: str) -> str:
+    """``tcp://127.0.0.1:5556`` → ``:5556``; other hosts keep their name."""
+    address = endpoint.removeprefix("tcp://")
+    for local in ("127.0.0.1:", "localhost:", "[::1]:"):
+        if address.startswith(local):
+            return address[len(local) - 1 :]
+    return f"@{address}"
 
 
 def _decode(message: bytes | str | Mapping[str, Any]) -> dict[str, Any] | None:
@@ -360,8 +382,14 @@ _HANDLERS = {
 }
 
 
-def sparkline(values: Iterable[float], width: int | None = None) -> str:
-    """Unicode block sparkline of non-negative values, scaled from 0 to their max.
+def sparkline(
+    values: Iterable[float], width: int | None = None, *, min_span: float = 0.1
+) -> str:
+    """Unicode block sparkline of values, scaled from their min to their max.
+
+    Scaling to the window's own range shows the trend (a slow creep rises from
+    ▁ to █); ``min_span`` keeps measurement noise far below a pixel from being
+    blown up to full height.
 
     Parameters
     ----------
@@ -370,6 +398,8 @@ def sparkline(values: Iterable[float], width: int | None = None) -> str:
     width : int, optional
         Number of characters. With more values than ``width``, consecutive
         values are merged by their maximum, so a single spike stays visible.
+    min_span : float
+        Smallest range mapped onto the eight levels, in the values' unit.
 
     Returns
     -------
@@ -385,16 +415,17 @@ def sparkline(values: Iterable[float], width: int | None = None) -> str:
             buckets.append(max(finite) if finite else math.nan)
         data = buckets
     finite = [v for v in data if math.isfinite(v)]
-    top = max(finite, default=0.0)
+    low = min(finite, default=0.0)
+    span = max(max(finite, default=0.0) - low, min_span)
     chars = []
     for value in data:
         if not math.isfinite(value):
             chars.append(" ")
-        elif top <= 0:
+        elif span <= 0:
             chars.append(SPARK_BLOCKS[0])
         else:
-            level = round(max(value, 0.0) / top * (len(SPARK_BLOCKS) - 1))
-            chars.append(SPARK_BLOCKS[level])
+            level = round((value - low) / span * (len(SPARK_BLOCKS) - 1))
+            chars.append(SPARK_BLOCKS[min(max(level, 0), len(SPARK_BLOCKS) - 1)])
     return "".join(chars)
 
 
