@@ -225,3 +225,34 @@ def test_set_reference_restarts_from_new_image(base: np.ndarray) -> None:
     reg.set_reference(moved)
     assert_allclose(reg.measure(moved).dx_px, 0.0, atol=0.01)
     assert_allclose(reg.measure(base).dx_px, -4.0, atol=0.05)
+
+
+def lattice(shape: tuple[int, int], period_px: float = 14.0) -> np.ndarray:
+    """Hexagonal lattice of spots with a few vacancies (a periodic sample)."""
+    rng = np.random.default_rng(11)
+    rows, cols = np.mgrid[: shape[0], : shape[1]].astype(np.float64)
+    image = np.zeros(shape)
+    for i, y in enumerate(
+        np.arange(-period_px, shape[0] + period_px, period_px * 0.866)
+    ):
+        for x in np.arange(-period_px, shape[1] + period_px, period_px):
+            if rng.random() < 0.08:
+                continue
+            x0 = x + (period_px / 2 if i % 2 else 0.0)
+            image += np.exp(-((rows - y) ** 2 + (cols - x0) ** 2) / (2 * 2.0**2))
+    return image.astype(np.float32)
+
+
+def test_periodic_sample_picks_the_nearest_lattice_site() -> None:
+    base = lattice(SHAPE)
+    rng = np.random.default_rng(2)
+    noise = CameraNoise(peak_photons=500)
+    ref = noise.expose(base, rng)
+    reg = Registrar(ref, max_shift_px=30)
+    # the reference against itself: zero, not a neighbouring lattice site
+    est0 = reg.measure(ref)
+    assert_allclose([est0.dx_px, est0.dy_px], [0, 0], atol=0.02)
+    truth = [(0.4 * k, -0.3 * k) for k in range(1, 12)]
+    for dx, dy in truth:
+        est = reg.measure(noise.expose(fourier_shift(base, dx, dy), rng))
+        assert_allclose([est.dx_px, est.dy_px], [dx, dy], atol=0.05)

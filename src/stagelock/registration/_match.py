@@ -53,6 +53,8 @@ def match_in_window(
     radius_px: int,
     scale: int = 1,
     template_small: npt.NDArray[Any] | None = None,
+    prior: tuple[float, float] | None = None,
+    tie_tolerance: float = 0.0,
 ) -> IntegerMatch | None:
     """Search displacements ``centre ± radius_px`` of a template cut at (row, col).
 
@@ -73,6 +75,13 @@ def match_in_window(
         of a coarse-to-fine search. The result is in full-resolution pixels.
     template_small : ndarray, optional
         The template already reduced by ``scale``.
+    prior : (d_row, d_col), optional
+        Displacement expected (e.g. the last one measured). Among correlation
+        values within ``tie_tolerance`` of the maximum, the one closest to the
+        prior wins: on periodic samples several lattice sites match almost
+        equally well, and the drift is continuous.
+    tie_tolerance : float
+        Correlation difference treated as a tie.
 
     Returns
     -------
@@ -120,6 +129,15 @@ def match_in_window(
     np.nan_to_num(surface, copy=False, nan=-1.0, posinf=-1.0, neginf=-1.0)
     _, peak, _, (pc, pr) = cv2.minMaxLoc(surface)
     n_rows, n_cols = surface.shape
+    if prior is not None and tie_tolerance > 0:
+        near_rows, near_cols = np.nonzero(surface >= peak - tie_tolerance)
+        if len(near_rows) > 1:
+            # window-local position of the prior displacement
+            want_r = (row + prior[0] - r0) / scale
+            want_c = (col + prior[1] - c0) / scale
+            k = int(np.argmin((near_rows - want_r) ** 2 + (near_cols - want_c) ** 2))
+            pr, pc = int(near_rows[k]), int(near_cols[k])
+            peak = float(surface[pr, pc])
     sub_r = sub_c = 0.0
     if 0 < pr < n_rows - 1:
         sub_r = parabola_offset(surface[pr - 1, pc], peak, surface[pr + 1, pc])

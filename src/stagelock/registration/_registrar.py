@@ -212,6 +212,10 @@ class Registrar:
         self.smooth_sigma_px = float(smooth_sigma_px)
         self._scale = self._coarse_scale()
         self._track: tuple[float, float, float] | None = None
+        # displacement expected when searching: the last good one (relative to
+        # the key frame), zero at first
+        self._prior = (0.0, 0.0)
+        self._eta = 1.0
         self._key = self._prepare(image, 0.0, 0.0)
 
     # -- reference handling -------------------------------------------------------
@@ -243,6 +247,8 @@ class Registrar:
             stack = RegionStack(ref32, keep, size, sigma)
         smalls = tuple(self._reduce(p) for p in stack.patches)
         self._track = None
+        self._prior = (0.0, 0.0)
+        self._eta = 1.0  # Gauss-Newton step efficiency, learnt per reference
         return _Key(stack, smalls, off_row, off_col)
 
     def _reduce(self, patch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -387,6 +393,7 @@ class Registrar:
         if confidence >= self.min_confidence:
             status = Status.OK
             self._track = (solution.d_row, solution.d_col, solution.median_ncc)
+            self._prior = (solution.d_row, solution.d_col)
         else:
             status = Status.LOW_CONFIDENCE
             self._track = None
@@ -413,6 +420,8 @@ class Registrar:
                 radius_px=radius,
                 scale=self._scale,
                 template_small=key.smalls[i],
+                prior=self._prior,
+                tie_tolerance=0.05,
             )
             if match is not None:
                 found.append(match)
@@ -420,7 +429,7 @@ class Registrar:
             return Status.NO_PEAK
         if all(c.at_edge for c in found):
             return Status.OUT_OF_RANGE
-        centre_row, centre_col = _vote(found, tol=self._scale + 1.0)
+        centre_row, centre_col = _vote(found, tol=self._scale + 1.0, prior=self._prior)
         if self._scale == 1:
             return centre_row, centre_col
         fine_rows, fine_cols = [], []
@@ -452,30 +461,47 @@ class Registrar:
     ) -> _Solution | None:
         """Joint Gauss-Newton iterations of all regions from (d_row, d_col).
 
-        Stops when the update is below half the statistical uncertainty or
-        1e-3 px: Gauss-Newton contracts the error by about ten per step here,
-        so what remains is a small fraction of the noise.
+        With a noisy reference, the template's gradients carry noise energy, so
+        each Gauss-Newton step undershoots by the signal fraction η of that
+        energy (errors in variables: the fixed point is unbiased, only the
+        convergence is slow, ~0.5 per step on faint, smooth samples). η is
+        measured from the ratio of successive steps and each step is scaled by
+        1/η, which restores fast convergence. Stops when the move is below half
+        the statistical uncertainty or 1e-3 px.
         """
         solution: _Solution | None = None
+        prev: tuple[float, float, float] | None = None  # plain step, its gain
         for _ in range(max_iter):
-            solution = _fuse(key.stack.fit(frame, d_row, d_col))
-            if solution is None:
+            fused = _fuse(key.stack.fit(frame, d_row, d_col))
+            if fused is None:
                 return None
-            step = max(abs(solution.d_row - d_row), abs(solution.d_col - d_col))
-            d_row, d_col = solution.d_row, solution.d_col
-            sigma = math.sqrt(
-                max(0.5 * float(solution.cov[0, 0] + solution.cov[1, 1]), 0.0)
+            plain_r, plain_c = fused.d_row - d_row, fused.d_col - d_col
+            sigma = math.sqrt(max(0.5 * float(fused.cov[0, 0] + fused.cov[1, 1]), 0.0))
+            if prev is not None:
+                norm2 = prev[0] ** 2 + prev[1] ** 2
+                if norm2 > max(2e-3, 5.0 * sigma) ** 2:
+                    # plain_k+1 = (1 - g_k η) plain_k  =>  η = (1 - ratio) / g_k
+                    ratio = (plain_r * prev[0] + plain_c * prev[1]) / norm2
+                    eta = (1.0 - ratio) / prev[2]
+                    if 0.2 < eta < 1.5:
+                        self._eta = 0.6 * self._eta + 0.4 * eta
+            gain = min(1.0 / self._eta, 3.0)
+            move_r, move_c = gain * plain_r, gain * plain_c
+            d_row += move_r
+            d_col += move_c
+            prev = (plain_r, plain_c, gain)
+            step = max(abs(move_r), abs(move_c))
+            solution = _Solution(
+                d_row,
+                d_col,
+                fused.cov,
+                fused.median_ncc,
+                fused.n_inliers,
+                fused.n_valid,
+                converged=step < max(1e-3, 0.5 * sigma),
             )
-            if step < max(1e-3, 0.5 * sigma):
-                return _Solution(
-                    solution.d_row,
-                    solution.d_col,
-                    solution.cov,
-                    solution.median_ncc,
-                    solution.n_inliers,
-                    solution.n_valid,
-                    converged=True,
-                )
+            if solution.converged:
+                return solution
             if step > 3.0:
                 return None
         return solution
@@ -517,9 +543,16 @@ def _fuse(fit: RegionFit) -> _Solution | None:
     )
 
 
-def _vote(matches: list[IntegerMatch], tol: float) -> tuple[float, float]:
-    """Displacement most regions agree on (ties: highest summed correlation)."""
-    best_key = (-1, -math.inf)
+def _vote(
+    matches: list[IntegerMatch], tol: float, prior: tuple[float, float]
+) -> tuple[float, float]:
+    """Displacement most regions agree on.
+
+    Ties in support go to the highest summed correlation, unless it is within 5 %
+    of another cluster's, in which case the cluster nearest ``prior`` wins (a
+    periodic sample).
+    """
+    best_key: tuple[int, float] = (-1, -math.inf)
     best = (matches[0].d_row, matches[0].d_col)
     for m in matches:
         support = [
@@ -528,7 +561,17 @@ def _vote(matches: list[IntegerMatch], tol: float) -> tuple[float, float]:
             if abs(o.d_row - m.d_row) <= tol and abs(o.d_col - m.d_col) <= tol
         ]
         score = (len(support), sum(o.ncc for o in support))
-        if score > best_key:
+        if score[0] == best_key[0] and score[1] >= 0.95 * best_key[1]:
+            # a near tie: prefer the cluster closer to the prior
+            here = (m.d_row - prior[0]) ** 2 + (m.d_col - prior[1]) ** 2
+            there = (best[0] - prior[0]) ** 2 + (best[1] - prior[1]) ** 2
+            if here < there:
+                best_key = score
+                best = (
+                    float(np.median([o.d_row for o in support])),
+                    float(np.median([o.d_col for o in support])),
+                )
+        elif score > best_key:
             best_key = score
             best = (
                 float(np.median([o.d_row for o in support])),
