@@ -124,7 +124,7 @@ def make_truth(n: int, seed: int, still: int = 0) -> tuple[np.ndarray, np.ndarra
 def run_daemon() -> Iterator[Callable[..., Daemon]]:
     made: list[Daemon] = []
 
-    def make(source: FrameSource, sink: ListSink, **config: Any) -> Daemon:
+    def make(frames: FrameSource, sink: ListSink, **config: Any) -> Daemon:
         doc = {
             "registration": {"max_shift_px": 20, "n_regions": 9},
             "log": {"every_n_frames": 0},
@@ -132,7 +132,7 @@ def run_daemon() -> Iterator[Callable[..., Daemon]]:
         }
         daemon = Daemon(
             validate_config(doc),
-            source,
+            frames,
             sinks=[sink],
             notifier=SystemdNotifier({}),
             control=False,
@@ -311,3 +311,80 @@ def test_stage_alarm_reaches_the_alarm_topic_and_rereference_resets_the_loop() -
         assert daemon.status().references_taken == 2
     finally:
         daemon.shutdown()
+
+
+class ManualSource:
+    """Frames pushed by the test itself, one call at a time."""
+
+    frames_at_start = True
+
+    def __init__(self) -> None:
+        self.name = "manual"
+        self.on_frame: Callable[[Frame], None] | None = None
+        self.index = 0
+
+    def start(self, on_frame: Callable[[Frame], None]) -> None:
+        self.on_frame = on_frame
+
+    def stop(self) -> None:
+        self.on_frame = None
+
+    def push(self, image: np.ndarray) -> int:
+        assert self.on_frame is not None
+        i, self.index = self.index, self.index + 1
+        self.on_frame(Frame(image, i, time.time(), self.name, {}))
+        return i
+
+
+def test_bad_frames_and_a_stalled_source_raise_and_clear_alarms(
+    run_daemon: Callable[..., Daemon],
+) -> None:
+    shifts, frames = make_truth(4, seed=14)
+    blank = np.full(SHAPE, 100, dtype=np.uint16)
+    source = ManualSource()
+    sink = ListSink()
+    daemon = run_daemon(
+        source,
+        sink,
+        registration={"max_shift_px": 20, "alarm_after_bad_frames": 3},
+        source={"stall_timeout_s": 0.5},
+        publish={"heartbeat_s": 0.05},
+    )
+
+    def alarm(name: str, active: bool) -> Callable[[], bool]:
+        return lambda: any(
+            t == "stagelock.alarm" and m["alarm"] == name and m["active"] is active
+            for t, m in sink.messages
+        )
+
+    def push_measured(image: np.ndarray) -> dict[str, Any]:
+        i = source.push(image)
+        sink.wait_for(lambda: any(m["frame"] == i for m in sink.shifts()))
+        return next(m for m in sink.shifts() if m["frame"] == i)
+
+    assert push_measured(frames[0])["status"] == "ok"
+    for _ in range(3):  # blank frames: measured, flagged, never a number
+        msg = push_measured(blank)
+        assert msg["status"] == "blank" and msg["dx_px"] is None
+    sink.wait_for(alarm("measurement_failing", True))
+    assert "measurement_failing" in (daemon.status().alarm or "")
+    msg = push_measured(frames[1])
+    assert abs(msg["dx_px"] - shifts[1, 0]) < 0.05
+    sink.wait_for(alarm("measurement_failing", False))
+
+    # no frame for stall_timeout_s: source lost (state and alarm), then back
+    sink.wait_for(alarm("source_lost", True), timeout_s=5.0)
+    assert daemon.status().state == "source_lost"
+    push_measured(frames[2])
+    sink.wait_for(alarm("source_lost", False), timeout_s=5.0)
+    cleared = len(sink.messages)
+
+    def measuring_again() -> bool:  # a heartbeat after the alarm cleared
+        return any(
+            t == "stagelock.status" and m["state"] == "measuring" and m["alarm"] is None
+            for t, m in sink.messages[cleared:]
+        )
+
+    sink.wait_for(measuring_again, timeout_s=5.0)
+    heartbeats = [m for t, m in sink.messages if t == "stagelock.status"]
+    assert "source_lost" in {h["state"] for h in heartbeats}
