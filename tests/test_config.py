@@ -112,3 +112,38 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
     typo.write_text("[log]\nevery_n_frame = 3\n")
     with pytest.raises(ConfigError, match=r"typo\.toml: log\.every_n_frame: Extra"):
         load_config(typo)
+
+
+def test_whole_document_errors_name_their_keys_without_a_prefix() -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_config({"pixel_size_um": 0.5, "camera": {"pixel_size_um": 0.6}})
+    assert str(info.value).startswith("pixel_size_um (0.5) and camera.pixel_size_um")
+
+
+def test_stage_section_and_quickstart() -> None:
+    config = validate_config(
+        {"stage": {"feedback": True, "gain": 0.5, "calibration": {"pattern": "grid"}}}
+    )
+    assert config.stage.feedback and config.stage.gain == 0.5
+    assert config.stage.calibration.pattern == "grid"
+    assert not Config().stage.feedback  # a file must ask for feedback
+    quick = Config.quickstart()  # `stagelock run` without a file
+    assert quick.source.kind == "simulated" and quick.stage.feedback
+    assert quick.log.every_n_frames == 10
+    # flags still override the quickstart, and re-validate
+    assert not quick.with_overrides(stage__feedback=False).stage.feedback
+    assert quick.with_overrides(frames=5).stage.feedback
+
+
+def test_simulation_defaults_drift_realistically() -> None:
+    from stagelock.sources import SimulationSettings
+
+    sim = Config().simulation
+    # ~3 µm a minute of creep at 10 frames/s, the same as the microscope's own
+    assert sim.creep_um_per_s == SimulationSettings().creep_um_per_s == (0.05, -0.03)
+    assert (
+        sim.random_walk_um_per_sqrt_s == SimulationSettings().random_walk_um_per_sqrt_s
+    )
+    assert sim.frame_interval_ms == 100.0
+    assert "frame_interval_ms" not in sim.microscope_settings()
+    SimulationSettings.from_mapping(sim.microscope_settings())  # every key known

@@ -351,11 +351,12 @@ def format_validation_error(exc: ValidationError) -> str:
     """One line per problem, ``key.path: reason``, joined with ``; ``."""
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        parts.append(f"{loc}: {msg}")
+        # whole-document checks name their keys in the message itself
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
 
 
