@@ -334,6 +334,16 @@ def test_sourceless_messages_are_attributed_by_origin_endpoint() -> None:
     assert state.sources["scope-a @a:1"].frame == 1
     assert state.sources["scope-a @d:1"].frame == 5
     assert "scope-a" not in state.sources
+    # interleaved messages keep feeding their own rows
+    for n in (6, 7):
+        state.update("stagelock.shift", shift("scope-a", n), 4.0, origin="tcp://a:1")
+        state.update(
+            "stagelock.shift", shift("scope-a", 10 * n), 4.0, origin="tcp://d:1"
+        )
+    assert state.sources["scope-a @a:1"].frame == 7
+    assert state.sources["scope-a @a:1"].shifts_received == 3
+    assert state.sources["scope-a @d:1"].frame == 70
+    assert len(state.sources) == 4  # scope-a twice, scope-b, tcp://c:1
     # later source-less messages from the first endpoint still find its row
     state.update("stagelock.correction", correction, 3.0, origin="tcp://a:1")
     assert state.sources["scope-a @a:1"].stage_x_um == 7.0

@@ -209,9 +209,9 @@ class MonitorState:
     origins : dict of str to str
         Last row name seen from each endpoint, to attribute messages that
         lack a ``source``.
-    homes : dict of str to str
-        The endpoint each ``source`` name was first seen from. When the same
-        name comes from a second endpoint, both rows get the endpoint in their
+    labels : dict of (str, str) to str
+        Row name of each (``source``, endpoint) pair. When the same name
+        comes from a second endpoint, every such row gets its endpoint in the
         label (``"simulated :5556"``, ``"simulated @scope-2:5556"``).
     """
 
@@ -220,7 +220,7 @@ class MonitorState:
     malformed: int = 0
     ignored: int = 0
     origins: dict[str, str] = field(default_factory=dict)
-    homes: dict[str, str] = field(default_factory=dict)
+    labels: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def update(
         self,
@@ -279,14 +279,13 @@ class MonitorState:
     def _attribute(self, source: str | None, origin: str | None) -> str | None:
         """Name the row a message belongs to, or None if it cannot be known."""
         if source is not None:
-            if origin is not None:
-                home = self.homes.setdefault(source, origin)
-                if home != origin:
-                    # two daemons share a name ("simulated"): label both rows
-                    self._relabel(source, home)
-                    source = f"{source} {_short(origin)}"
-                self.origins[origin] = source
-            return source
+            if origin is None:
+                return source
+            label = self.labels.get((source, origin))
+            if label is None:
+                label = self._new_label(source, origin)
+            self.origins[origin] = label
+            return label
         if origin is not None:
             # e.g. corrections and alarms that do not repeat the source name
             return self.origins.get(origin, origin)
@@ -294,15 +293,25 @@ class MonitorState:
             return next(iter(self.sources))
         return None
 
-    def _relabel(self, source: str, home: str) -> None:
-        """Rename the first row of a shared name to carry its endpoint too."""
-        row = self.sources.pop(source, None)
-        label = f"{source} {_short(home)}"
-        if row is not None:
-            row.source = label
-            self.sources[label] = row
-        if self.origins.get(home) == source:
-            self.origins[home] = label
+    def _new_label(self, source: str, origin: str) -> str:
+        """Label a new (source, endpoint) pair; on a shared name, label all of them."""
+        others = [o for (name, o) in self.labels if name == source]
+        if not others:
+            self.labels[(source, origin)] = source
+            return source
+        # two daemons share a name ("simulated"): every row shows its endpoint
+        for other in others:
+            old, new = self.labels[(source, other)], f"{source} {_short(other)}"
+            if old != new:
+                row = self.sources.pop(old, None)
+                if row is not None:
+                    row.source = new
+                    self.sources[new] = row
+                self.labels[(source, other)] = new
+                if self.origins.get(other) == old:
+                    self.origins[other] = new
+        label = self.labels[(source, origin)] = f"{source} {_short(origin)}"
+        return label
 
 
 def _short(endpoint: str) -> str:
