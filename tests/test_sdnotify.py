@@ -76,3 +76,23 @@ def test_vanished_socket_is_logged_not_raised(
     assert notifier.ready() is False
     assert "sd_notify" in caplog.text
     notifier.close()
+
+
+def test_unread_notify_socket_never_blocks_the_sender(tmp_path) -> None:
+    import socket
+    import time
+
+    from stagelock._sdnotify import SystemdNotifier
+
+    path = tmp_path / "notify.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(path))
+    try:
+        notifier = SystemdNotifier({"NOTIFY_SOCKET": str(path)})
+        start = time.monotonic()
+        results = [notifier.status(f"frame {i}") for i in range(2000)]
+        assert time.monotonic() - start < 2.0  # nobody reads: sends are dropped
+        assert results[0] is True and results[-1] is False
+        notifier.close()
+    finally:
+        server.close()

@@ -49,11 +49,15 @@ def setup_logging(args: argparse.Namespace) -> None:
     level = logging.INFO + 10 * (
         getattr(args, "quiet", 0) - getattr(args, "verbose", 0)
     )
-    logging.basicConfig(
-        level=max(logging.DEBUG, min(level, logging.CRITICAL)),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    level = max(logging.DEBUG, min(level, logging.CRITICAL))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    # the level sits on the handler too: importing pymmcore-plus later resets the
+    # root logger to DEBUG, which would flood stderr with watchdog's inotify lines
+    handler.setLevel(level)
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 class CliError(Exception):

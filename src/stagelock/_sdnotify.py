@@ -82,7 +82,15 @@ class SystemdNotifier:
                 self._sock = socket.socket(
                     socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
                 )
+                # the measurement worker sends these: a full queue on the other
+                # side (nobody reading) must drop a notification, never stall it
+                self._sock.setblocking(False)
             self._sock.sendto(text.encode(), self._address)
+        except BlockingIOError:
+            logger.debug(
+                "sd_notify %r dropped: the notify socket's queue is full", text
+            )
+            return False
         except OSError as exc:
             logger.warning("sd_notify %r failed: %s", text, exc)
             return False
