@@ -692,7 +692,10 @@ class Daemon:
             logger.exception("frame %d: stage loop failed", frame.index)
             return
         if correction is not None:
-            self._send(CORRECTION_TOPIC, correction.to_message())
+            self._send(
+                CORRECTION_TOPIC,
+                {**correction.to_message(), "source": self.source.name},
+            )
         if loop.alarm is None:
             # the loop clears its alarms silently; mirror that on the alarm topic
             with self._lock:
@@ -807,6 +810,7 @@ class Daemon:
             ALARM_TOPIC,
             {
                 "schema": ALARM_SCHEMA,
+                "source": self.source.name,
                 "time": time.time(),
                 "alarm": name,
                 "active": message is not None,
