@@ -85,6 +85,10 @@ def main() -> int:
     parser.add_argument("--gain", type=float, default=0.7)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.frames < 2:
+        parser.error(f"--frames must be at least 2; got {args.frames}")
+    if not 0 < args.gain <= 1:
+        parser.error(f"--gain must be in (0, 1]; got {args.gain}")
 
     from pymmcore_plus import CMMCorePlus
 
