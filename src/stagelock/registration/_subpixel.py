@@ -84,7 +84,7 @@ def _blurred_window(
     height, width = image.shape
     half = len(kernel) // 2 - 1  # taps -half..half+1
     ia, ib, ic, id_ = r0 - half, r1 + half + 1, c0 - half, c1 + half + 1
-    crop = np.asarray(
+    crop: npt.NDArray[Any] = np.asarray(
         image[max(ia, 0) : min(ib, height), max(ic, 0) : min(id_, width)],
         dtype=np.float32,
     )
