@@ -198,6 +198,7 @@ def test_iter_estimates_streams_shift_estimates(base: np.ndarray) -> None:
         (lambda b: Registrar(b.astype(np.complex64)), "dtype"),
         (lambda b: Registrar(b, max_shift_px=0), "max_shift_px"),
         (lambda b: Registrar(np.zeros(SHAPE)), "no texture"),
+        (lambda b: Registrar(b, smooth_sigma_px=-1), "smooth_sigma_px"),
         (lambda b: estimate_shifts(b), r"\(T, H, W\)"),
         (lambda b: estimate_shifts(np.stack([b, b]), reference="median"), "reference"),
     ],

@@ -166,6 +166,8 @@ class RegionStack:
     ) -> None:
         height, width = reference.shape
         self.smooth_sigma_px = float(smooth_sigma_px)
+        # Gauss-Newton step efficiency, learnt by the Registrar for this template
+        self.eta = 1.0
         blur: npt.NDArray[np.float32] | None = None
         if smooth_sigma_px > 0:
             # the same sampled Gaussian as the frames get, at zero shift
