@@ -209,6 +209,7 @@ def test_iter_estimates_streams_shift_estimates(base: np.ndarray) -> None:
         "complex",
         "max-shift",
         "flat",
+        "sigma",
         "2d-stack",
         "ref",
     ],
