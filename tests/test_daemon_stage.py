@@ -281,7 +281,12 @@ def test_closed_loop_holds_the_image_while_open_loop_drifts(
     elapsed_s = drift[-1]["time"] - drift[0]["time"]
     assert late > 4.0 and late > max(early) + 2.5, (early, late)
     assert late > 10 * residual_rms
-    assert late == pytest.approx(1.44 * elapsed_s, rel=0.3)
+    # the subscriber may join after the reference frame (slow joiner): compare
+    # the drift between the first and last frames it saw with the time between
+    moved = math.hypot(
+        drift[-1]["dx_px"] - drift[0]["dx_px"], drift[-1]["dy_px"] - drift[0]["dy_px"]
+    )
+    assert moved == pytest.approx(1.44 * elapsed_s, rel=0.3)
     print(  # the numbers, for -s
         f"closed loop: residual max {residual_max:.3f} px, RMS {residual_rms:.3f} "
         f"px; open loop: {late:.2f} px after {elapsed_s:.1f} s"
