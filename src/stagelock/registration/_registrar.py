@@ -447,6 +447,10 @@ class Registrar:
         """
         trial = self._trial
         assert trial is not None
+        if solution.spread_var < 1e-8:
+            # below 0.1 mpx: the reference measured against itself (or a copy),
+            # which says nothing about the noise
+            return
         # started half a pixel off so the fit must travel: a fit whose steps are
         # attenuated by noisy gradients would otherwise "converge" on the spot
         alt = self._refine(
