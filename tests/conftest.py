@@ -2,8 +2,13 @@ from __future__ import annotations
 
 import importlib.metadata as md
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+import zmq
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -26,3 +31,11 @@ def shared_data() -> Path:
     if not (path / "pc12-unreg.tif").exists():
         pytest.skip("../shared/data is not present on this machine")
     return path
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[Any]]:
+    """A ZeroMQ context whose sockets are all closed with linger 0 at the end."""
+    context: zmq.Context[Any] = zmq.Context()
+    yield context
+    context.destroy(linger=0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import itertools
 import json
 import os
@@ -19,36 +18,17 @@ import pytest
 import tifffile
 import zmq
 
+try:  # tests/ is not a package; both import styles keep working
+    from ._zmq_helpers import cli, free_endpoint, recv
+except ImportError:
+    from _zmq_helpers import cli, free_endpoint, recv
+
 from stagelock._control import request
 from stagelock.synthetic import CameraNoise, drifting_stack
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
-
-
-def cli() -> list[str]:
-    """``python -m stagelock`` (or the daemon's own entry while the CLI is partial)."""
-    if importlib.util.find_spec("stagelock._cli_register") is not None:
-        return [sys.executable, "-m", "stagelock"]
-    return [sys.executable, "-m", "stagelock._cli_daemon"]
-
-
-def free_endpoint(ctx: zmq.Context[Any]) -> str:
-    sock = ctx.socket(zmq.PUB)
-    try:
-        port = sock.bind_to_random_port("tcp://127.0.0.1")
-    finally:
-        sock.close(linger=0)
-    return f"tcp://127.0.0.1:{port}"
-
-
-def recv(sock: zmq.Socket[Any], timeout_s: float = 10.0) -> tuple[str, dict[str, Any]]:
-    """One ``[topic, json]`` message, or fail instead of hanging."""
-    if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
-        raise TimeoutError(f"no message within {timeout_s} s")
-    topic, body = sock.recv_multipart()
-    return topic.decode(), json.loads(body)
 
 
 def recv_topic(
@@ -67,13 +47,6 @@ def recv_topic(
 
 SHAPE = (256, 256)
 PIXEL_SIZE_UM = 0.5
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[Any]]:
-    context: zmq.Context[Any] = zmq.Context()
-    yield context
-    context.destroy(linger=0)
 
 
 class Daemon:

@@ -18,7 +18,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 import zmq
+
+try:  # tests/ is not a package; both import styles keep working
+    from ._zmq_helpers import cli, free_endpoint, recv
+except ImportError:
+    from _zmq_helpers import cli, free_endpoint, recv
 
 from stagelock._control import request
 
@@ -63,34 +67,6 @@ heartbeat_s = 0.2
 [log]
 every_n_frames = 25
 """
-
-
-def cli() -> list[str]:
-    return [sys.executable, "-m", "stagelock"]
-
-
-def free_endpoint(ctx: zmq.Context[Any]) -> str:
-    sock = ctx.socket(zmq.PUB)
-    try:
-        port = sock.bind_to_random_port("tcp://127.0.0.1")
-    finally:
-        sock.close(linger=0)
-    return f"tcp://127.0.0.1:{port}"
-
-
-def recv(sock: zmq.Socket[Any], timeout_s: float) -> tuple[str, dict[str, Any]]:
-    """One ``[topic, json]`` message, or fail instead of hanging."""
-    if not sock.poll(max(1, int(timeout_s * 1000)), zmq.POLLIN):
-        raise TimeoutError(f"no message within {timeout_s:.1f} s")
-    topic, body = sock.recv_multipart()
-    return topic.decode(), json.loads(body)
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[Any]]:
-    context: zmq.Context[Any] = zmq.Context()
-    yield context
-    context.destroy(linger=0)
 
 
 class Run:

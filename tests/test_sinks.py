@@ -11,7 +11,6 @@ import zmq
 from stagelock.sinks import SHIFT_COLUMNS, Recorder, ShiftSink, ZmqPublisher
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from pathlib import Path
 
 MESSAGE = {
@@ -29,13 +28,6 @@ MESSAGE = {
     "latency_ms": 4.0,
     "n_regions": 7,
 }
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[Any]]:
-    context: zmq.Context[Any] = zmq.Context()
-    yield context
-    context.destroy(linger=0)
 
 
 def test_publisher_sends_topic_and_nan_free_json(ctx: zmq.Context[Any]) -> None:
