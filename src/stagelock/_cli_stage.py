@@ -123,18 +123,13 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise CliError(f"--step-um must be > 0; got {args.step_um}")
     core = _open_core(config)
     try:
-        cal = calibrate(
-            core,
-            device=stage.device,
-            step_um=args.step_um if args.step_um is not None else opts.step_um,
-            target_shift_px=opts.target_shift_px,
-            pattern=args.pattern or opts.pattern,
-            approach_um=opts.approach_um,
-            settle_s=opts.settle_s,
-            max_residual_px=opts.max_residual_px,
-            max_anisotropy=opts.max_anisotropy,
-            move_timeout_s=opts.move_timeout_s,
-        )
+        # the [stage.calibration] keys are calibrate()'s keyword arguments
+        options = opts.model_dump()
+        if args.step_um is not None:
+            options["step_um"] = args.step_um
+        if args.pattern:
+            options["pattern"] = args.pattern
+        cal = calibrate(core, device=stage.device, **options)
     except (CalibrationError, ValueError, TimeoutError) as exc:
         raise CliError(str(exc)) from None
     finally:

@@ -1081,18 +1081,8 @@ def _calibrate_now(config: Config, core: Any) -> Calibration:
     opts = config.stage.calibration
     logger.info("calibrating the stage (moves it in a small pattern, ~2 s)")
     try:
-        return calibrate(
-            core,
-            device=config.stage.device,
-            step_um=opts.step_um,
-            target_shift_px=opts.target_shift_px,
-            pattern=opts.pattern,
-            approach_um=opts.approach_um,
-            settle_s=opts.settle_s,
-            max_residual_px=opts.max_residual_px,
-            max_anisotropy=opts.max_anisotropy,
-            move_timeout_s=opts.move_timeout_s,
-        )
+        # the [stage.calibration] keys are calibrate()'s keyword arguments
+        return calibrate(core, device=config.stage.device, **opts.model_dump())
     except (CalibrationError, ValueError, TimeoutError, RuntimeError) as exc:
         raise DaemonError(
             f"stage: the start-up calibration failed: {exc} (is the sample in "
