@@ -19,11 +19,10 @@ import tifffile
 import zmq
 
 try:  # tests/ is not a package; both import styles keep working
-    from ._zmq_helpers import cli, free_endpoint, recv
+    from ._zmq_helpers import DaemonProcess, cli, free_endpoint, recv
 except ImportError:
-    from _zmq_helpers import cli, free_endpoint, recv
+    from _zmq_helpers import DaemonProcess, cli, free_endpoint, recv
 
-from stagelock._control import request
 from stagelock.synthetic import CameraNoise, drifting_stack
 
 if TYPE_CHECKING:
@@ -49,8 +48,8 @@ SHAPE = (256, 256)
 PIXEL_SIZE_UM = 0.5
 
 
-class Daemon:
-    """A ``stagelock run`` subprocess plus a SUB socket on its publisher."""
+class Daemon(DaemonProcess):
+    """The daemon watching a folder, recording CSV, up and subscribed."""
 
     def __init__(
         self, tmp_path: Path, ctx: zmq.Context[Any], *extra: str, config: str = ""
@@ -58,73 +57,25 @@ class Daemon:
         self.watch = tmp_path / "watch"
         self.watch.mkdir(exist_ok=True)
         self.record = tmp_path / "record.csv"
-        self.publish = free_endpoint(ctx)
-        self.control = free_endpoint(ctx)
-        cfg = tmp_path / "daemon.toml"
-        cfg.write_text(
+        super().__init__(
+            tmp_path,
+            ctx,
+            "daemon",
             "[publish]\nheartbeat_s = 0.2\n[log]\nevery_n_frames = 5\n"
             "[source.folder]\npoll_interval_s = 0.02\ngive_up_after_s = 0.5\n"
-            "[registration]\nmax_shift_px = 20\n" + config
-        )
-        self.log_path = tmp_path / "daemon.log"
-        self._log = self.log_path.open("wb")
-        args = [
-            *cli(),
-            "run",
-            "--config",
-            str(cfg),
+            "[registration]\nmax_shift_px = 20\n" + config,
             "--watch",
             str(self.watch),
-            "--publish",
-            self.publish,
-            "--control",
-            self.control,
             "--record",
             str(self.record),
             "--pixel-size",
             str(PIXEL_SIZE_UM),
             *extra,
-        ]
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
-        self.sub: zmq.Socket[Any] = ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.LINGER, 0)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"stagelock.")
-        self.sub.connect(self.publish)
-        self.ctx = ctx
-        self._wait_up()
-
-    def _wait_up(self, timeout_s: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited early:\n{self.log()}")
-            try:
-                if self.sub.poll(100, zmq.POLLIN):
-                    topic, _ = recv(self.sub, 1.0)
-                    if topic == "stagelock.status":
-                        return  # subscribed and alive: the slow joiner has joined
-            except TimeoutError:
-                pass
-        raise AssertionError(f"no heartbeat within {timeout_s} s:\n{self.log()}")
-
-    def ctl(self, command: str, **params: Any) -> dict[str, Any]:
-        return request(self.control, command, timeout_s=5.0, context=self.ctx, **params)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        )
+        self.wait_up(timeout_s=20.0)
 
     def wait(self, timeout_s: float = 10.0) -> int:
-        try:
-            return self.proc.wait(timeout_s)
-        finally:
-            self._log.close()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        self._log.close()
-        self.sub.close(linger=0)
+        return super().wait(timeout_s)
 
 
 @pytest.fixture

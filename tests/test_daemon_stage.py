@@ -14,7 +14,6 @@ import csv
 import importlib.util
 import json
 import math
-import os
 import signal
 import socket
 import subprocess
@@ -27,11 +26,10 @@ import pytest
 import zmq
 
 try:  # tests/ is not a package; both import styles keep working
-    from ._zmq_helpers import cli, free_endpoint, recv
+    from ._zmq_helpers import DaemonProcess, cli, recv
 except ImportError:
-    from _zmq_helpers import cli, free_endpoint, recv
+    from _zmq_helpers import DaemonProcess, cli, recv
 
-from stagelock._control import request
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -69,54 +67,12 @@ every_n_frames = 25
 """
 
 
-class Run:
-    """A ``stagelock run`` subprocess and a SUB socket on everything it publishes."""
+class Run(DaemonProcess):
+    """A daemon whose messages are kept, for checks after the run."""
 
-    def __init__(
-        self,
-        tmp_path: Path,
-        ctx: zmq.Context[Any],
-        name: str,
-        config: str | None,
-        *extra: str,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.publish = free_endpoint(ctx)
-        self.control = free_endpoint(ctx)
-        args = [*cli(), "run", "--publish", self.publish, "--control", self.control]
-        if config is not None:
-            cfg = tmp_path / f"{name}.toml"
-            cfg.write_text(config)
-            args += ["--config", str(cfg)]
-        self.log_path = tmp_path / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [*args, *extra],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
-        self.ctx = ctx
-        self.sub: zmq.Socket[Any] = ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.LINGER, 0)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"stagelock.")
-        self.sub.connect(self.publish)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.messages: list[tuple[str, dict[str, Any]]] = []
-
-    def wait_up(self, timeout_s: float = 40.0) -> None:
-        """Until the first heartbeat: subscribed (no slow joiner) and running."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited early:\n{self.log()}")
-            try:
-                topic, _ = recv(self.sub, 0.2)
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"no heartbeat:\n{self.log()}") from None
-                continue
-            if topic == "stagelock.status":
-                return
 
     def collect_until_frame(self, frame: int, timeout_s: float = 30.0) -> None:
         """Keep every message until a shift of ``frame`` or later arrived."""
@@ -134,25 +90,6 @@ class Run:
 
     def topic(self, name: str) -> list[dict[str, Any]]:
         return [m for t, m in self.messages if t == name]
-
-    def ctl(self, command: str) -> dict[str, Any]:
-        return request(self.control, command, timeout_s=5.0, context=self.ctx)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait(self, timeout_s: float = 15.0) -> int:
-        try:
-            return self.proc.wait(timeout_s)
-        finally:
-            self._log.close()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        self._log.close()
-        self.sub.close(linger=0)
 
 
 @pytest.fixture
