@@ -657,16 +657,13 @@ def _vote(
             # a near tie: prefer the cluster closer to the prior
             here = (m.d_row - prior[0]) ** 2 + (m.d_col - prior[1]) ** 2
             there = (best[0] - prior[0]) ** 2 + (best[1] - prior[1]) ** 2
-            if here < there:
-                best_key = score
-                best = (
-                    float(np.median([o.d_row for o in support])),
-                    float(np.median([o.d_col for o in support])),
-                )
-        elif score > best_key:
+            better = here < there
+        else:
+            better = score > best_key
+        if better:
             best_key = score
             best = (
-                float(np.median([o.d_row for o in support])),
-                float(np.median([o.d_col for o in support])),
+                _median(np.array([o.d_row for o in support])),
+                _median(np.array([o.d_col for o in support])),
             )
     return best
