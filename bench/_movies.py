@@ -17,7 +17,7 @@ A frame is made in three steps:
    interpolation blur and no wrap-around enter the frame.
 3. Bleaching scales the signal, transient debris blobs are added in the frame's
    own coordinates (they do not move with the sample), and
-   ``stagelock.synthetic.CameraNoise`` turns photons into sCMOS uint16 frames.
+   ``stagelock.sim.CameraNoise`` turns photons into sCMOS uint16 frames.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ IMAGES = {
     "ihc": "scikit-image `immunohistochemistry()` (brightfield tissue, grey)",
     "cell": "scikit-image `cell()` (one cell, low texture, off-centre)",
     "spots": "scikit-image `hubble_deep_field()` (sparse points: stand-in for beads)",
-    "sample": "`stagelock.synthetic.sample_image()` (the bundled stained section)",
+    "sample": "`stagelock.sim.sample_image()` (the bundled stained section)",
     "lattice": "generated hexagonal lattice of spots, period 14 px, 8 % vacancies, "
     "0.3 px jitter (periodic texture: capture-range ambiguity test)",
     "pc12": "frame 0 of the real PC12 time-lapse `pc12-unreg.tif` (201×199)",
@@ -136,7 +136,7 @@ def lattice_image(size: int, seed: int = 7) -> npt.NDArray[np.float64]:
 def load_base(image: str) -> npt.NDArray[np.float64]:
     """The base image, grey float64 in [0, 1] (lattice is made per size)."""
     if image == "sample":
-        from stagelock.synthetic import sample_image
+        from stagelock.sim import sample_image
 
         return _normalise(sample_image())
     if image == "pc12":
@@ -272,7 +272,7 @@ def make_movie(
     spec: MovieSpec,
 ) -> tuple[npt.NDArray[np.uint16], npt.NDArray[np.float64], dict[str, object]]:
     """Build one movie: (uint16 (T, H, W), truth (T, 2) of (dx, dy), info)."""
-    from stagelock.synthetic import CameraNoise
+    from stagelock.sim import CameraNoise
 
     canvas, factor = make_canvas(spec.image, spec.size)
     shifter = Shifter(canvas, spec.size)

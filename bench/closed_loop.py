@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stagelock.control._demo import run_simulated, summarize
-from stagelock.sources._simulated import create_simulated_core
+from stagelock.sim import create_simulated_core, run_simulated, summarize
 
 HERE = Path(__file__).resolve().parent
 

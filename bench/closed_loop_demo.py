@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from stagelock.control import MMStageDriver, StageLoop, StageSettings, calibrate
+from stagelock.config import StageSettings
 from stagelock.registration import Registrar
 from stagelock.sources import release_core
+from stagelock.stage import MMStageDriver, StageLoop, calibrate
 
 CAMERA = "Camera"
 XY = "XY"

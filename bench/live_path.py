@@ -20,12 +20,11 @@ from typing import Any
 import numpy as np
 import zmq
 
-from stagelock._config import Config
-from stagelock._daemon import Daemon
-from stagelock._sdnotify import SystemdNotifier
+from stagelock.config import Config
+from stagelock.daemon import Daemon, SystemdNotifier
+from stagelock.sim import CameraNoise, drifting_stack
 from stagelock.sinks import Recorder, ZmqPublisher
 from stagelock.sources import Frame, FrameCallback
-from stagelock.synthetic import CameraNoise, drifting_stack
 
 
 class PushSource:

@@ -21,8 +21,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.terminal_theme import MONOKAI
 
-from stagelock._monitor import MonitorState, render, run_monitor
-from stagelock._plot import load_record, plot_record
+from stagelock.views import MonitorState, render, run_monitor
+from stagelock.views import load_record, plot_record
 
 DOCS = Path(__file__).resolve().parent
 WIDTH = 120

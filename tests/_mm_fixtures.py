@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from stagelock.sources import SimulatedMicroscope, release_core
+from stagelock.sim import SimulatedMicroscope
+from stagelock.sources import release_core
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping

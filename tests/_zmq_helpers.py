@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from stagelock._control import request
+from stagelock.daemon import request
 
 if TYPE_CHECKING:
     from pathlib import Path

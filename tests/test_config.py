@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from stagelock._config import Config, ConfigError, load_config, validate_config
+from stagelock.config import Config, ConfigError, load_config, validate_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 
@@ -136,7 +136,7 @@ def test_stage_section_and_quickstart() -> None:
 
 
 def test_simulation_defaults_drift_realistically() -> None:
-    from stagelock.sources import SimulationSettings
+    from stagelock.config import SimulationSettings
 
     sim = Config().simulation
     # ~3 µm a minute of creep at 10 frames/s, the same as the microscope's own

@@ -8,19 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stagelock.control import (
+from stagelock.sim import create_simulated_core, run_simulated, summarize
+from stagelock.stage import (
     Calibration,
     CalibrationError,
     MMStageDriver,
     StageDriver,
     calibrate,
 )
-from stagelock.control._demo import run_simulated, summarize
-from stagelock.sources._simulated import create_simulated_core
 
 
 def _release(core: object) -> None:
-    scope = getattr(core, "stagelock_simulation", None)
+    scope = getattr(core, "simulation", None)
     if scope is not None:
         scope.close()
 
@@ -62,7 +61,7 @@ def test_calibration_recovers_geometry(make_core, case, tmp_path: Path) -> None:
     assert cal.flipped is bool(case.get("flip_y", False))
     assert cal.residual_px < 0.3
     # the full matrix, against the simulator's own geometry
-    truth = np.linalg.inv(-core.stagelock_simulation.settings.camera_matrix)
+    truth = np.linalg.inv(-core.simulation.settings.camera_matrix)
     np.testing.assert_allclose(
         cal.px_to_um_matrix, truth, atol=0.01 * case["pixel_size_um"]
     )
@@ -87,7 +86,7 @@ def test_calibration_convention_cancels_shift() -> None:
 
 def test_calibration_refuses_a_stage_that_does_not_move_the_sample(make_core) -> None:
     core = make_core()
-    scope = core.stagelock_simulation
+    scope = core.simulation
     # snapping a static image: the stage moves but the picture never changes
     still = scope.render_clean(0.0, 0.0)
     with pytest.raises(CalibrationError, match="moves the image measurably"):
@@ -96,7 +95,7 @@ def test_calibration_refuses_a_stage_that_does_not_move_the_sample(make_core) ->
 
 def test_calibration_refuses_degenerate_fit(make_core) -> None:
     core = make_core()
-    scope = core.stagelock_simulation
+    scope = core.simulation
     driver = MMStageDriver(core)
 
     def one_axis() -> np.ndarray:

@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
-from stagelock.control import (
+from stagelock.config import StageSettings
+from stagelock.registration import Registrar, Status
+from stagelock.sources import release_core
+from stagelock.stage import (
     Calibration,
     CorrectionStatus,
     MMStageDriver,
     StageLoop,
-    StageSettings,
     calibrate,
 )
-from stagelock.registration import Registrar, Status
-from stagelock.sources import release_core
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -9,16 +9,15 @@ import pytest
 from pydantic import ValidationError
 
 from stagelock import ShiftEstimate, Status
-from stagelock.control import (
+from stagelock.config import StageSettings
+from stagelock.sim import PlantStage, SimClock
+from stagelock.stage import (
     Alarm,
     Calibration,
     CorrectionStatus,
     LoopState,
-    PlantStage,
-    SimClock,
     StageDriver,
     StageLoop,
-    StageSettings,
 )
 
 TRUE = Calibration.from_geometry(0.5, rotation_deg=20.0, flipped=True)

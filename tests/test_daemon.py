@@ -23,7 +23,7 @@ try:  # tests/ is not a package; both import styles keep working
 except ImportError:
     from _zmq_helpers import DaemonProcess, cli, free_endpoint, recv
 
-from stagelock.synthetic import CameraNoise, drifting_stack
+from stagelock.sim import CameraNoise, drifting_stack
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

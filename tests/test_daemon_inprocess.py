@@ -1,7 +1,7 @@
 """The Daemon in-process: a tiny frame source of known shifts, real sinks.
 
 The source pushes frames rendered with exact sub-pixel shifts
-(:func:`stagelock.synthetic.drifting_stack`) from its own thread, as a camera
+(:func:`stagelock.sim.drifting_stack`) from its own thread, as a camera
 would; a list sink records every message on the worker thread.
 """
 
@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 
-from stagelock._config import validate_config
-from stagelock._daemon import Daemon, build_source, build_stage_loop
-from stagelock._sdnotify import SystemdNotifier
+from stagelock.config import validate_config
+from stagelock.daemon import Daemon, SystemdNotifier, build_source, build_stage_loop
+from stagelock.sim import CameraNoise, drifting_stack
 from stagelock.sources import Frame, FrameSource
-from stagelock.synthetic import CameraNoise, drifting_stack
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from stagelock.sources import Frame, FrameSource
-from stagelock.sources._folder import FolderSource, acquisition_index
+from stagelock.sources import FolderSource, Frame, FrameSource, acquisition_index
 
 
 class Collector:

@@ -13,8 +13,7 @@ try:
     from ._mm_fixtures import scope_factory, snap, wait_until
 except ImportError:
     from _mm_fixtures import scope_factory, snap, wait_until
-from stagelock import Registrar
-from stagelock._attach import attach
+from stagelock import Registrar, attach
 from stagelock.sources import (
     Frame,
     FrameSource,

@@ -17,8 +17,8 @@ import pytest
 import zmq
 from rich.console import Console
 
-from stagelock._cli import main
-from stagelock._monitor import (
+from stagelock.cli import main
+from stagelock.views import (
     MonitorState,
     parse_endpoint,
     render,

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stagelock._cli import main
-from stagelock._plot import load_record, plot_record
-from stagelock.synthetic import random_drift
+from stagelock.cli import main
+from stagelock.sim import random_drift
+from stagelock.views import load_record, plot_record
 
 PIXEL_SIZE_UM = 0.65
 COLUMNS = "frame,time,dx_px,dy_px,dx_um,dy_um,confidence,status,skipped,source"
@@ -223,7 +223,7 @@ def test_missing_matplotlib_gives_the_install_hint(
     code = (
         "import sys\n"
         "sys.modules['matplotlib'] = None\n"
-        "from stagelock._cli import main\n"
+        "from stagelock.cli import main\n"
         f"sys.exit(main({argv!r}))\n"
     )
     proc = subprocess.run(

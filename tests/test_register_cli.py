@@ -13,8 +13,8 @@ import tifffile
 from numpy.testing import assert_allclose
 
 from stagelock import Registrar, estimate_shifts
-from stagelock._cli import main
-from stagelock.synthetic import CameraNoise, drifting_stack, fourier_shift, sample_image
+from stagelock.cli import main
+from stagelock.sim import CameraNoise, drifting_stack, fourier_shift, sample_image
 
 
 def read_shifts(path: Path) -> np.ndarray:

@@ -9,7 +9,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 from stagelock import Registrar, ShiftEstimate, Status, estimate_shifts, iter_estimates
-from stagelock.synthetic import CameraNoise, fourier_shift, sample_image
+from stagelock.sim import CameraNoise, fourier_shift, sample_image
 
 SHAPE = (256, 256)
 

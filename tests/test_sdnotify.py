@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from stagelock._sdnotify import SystemdNotifier
+from stagelock.daemon import SystemdNotifier
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -82,7 +82,7 @@ def test_unread_notify_socket_never_blocks_the_sender(tmp_path) -> None:
     import socket
     import time
 
-    from stagelock._sdnotify import SystemdNotifier
+    from stagelock.daemon import SystemdNotifier
 
     path = tmp_path / "notify.sock"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -13,13 +13,9 @@ try:
 except ImportError:
     from _mm_fixtures import scope_factory, snap, wait_until
 from stagelock import Registrar
-from stagelock.sources import (
-    DriftModel,
-    SimulatedMicroscope,
-    SimulationSettings,
-    create_simulated_core,
-    release_core,
-)
+from stagelock.config import SimulationSettings
+from stagelock.sim import DriftModel, SimulatedMicroscope, create_simulated_core
+from stagelock.sources import release_core
 
 
 @pytest.fixture
@@ -212,7 +208,7 @@ def test_create_simulated_core_labels_and_truth() -> None:
         assert core.getPixelSizeUm() == pytest.approx(0.65)
         core.snapImage()
         assert core.getImage().shape == (64, 96)
-        scope = core.stagelock_simulation
+        scope = core.simulation
         assert isinstance(scope, SimulatedMicroscope)
         assert scope.settings.creep_um_per_s == (0.05, -0.03)
     finally:
@@ -223,12 +219,13 @@ def test_create_simulated_core_labels_and_truth() -> None:
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"pixel_size": 0.5}, "'pixel_size'"),
-        ({"pixel_size_um": -1.0}, "pixel_size_um must be > 0"),
-        ({"shape_px": [10]}, "shape_px must be a pair"),
-        ({"flip_x": "yes"}, "flip_x must be true or false"),
-        ({"creep_um_per_s": [0.1, "a"]}, "creep_um_per_s must be a number"),
-        ({"backlash_um": -0.1}, "backlash_um must be >= 0"),
+        ({"pixel_size": 0.5}, "pixel_size: Extra inputs are not permitted"),
+        ({"pixel_size_um": -1.0}, "pixel_size_um: Input should be greater than 0"),
+        ({"shape_px": [10]}, "shape_px.1: Field required"),
+        ({"flip_x": "yes"}, "flip_x: Input should be a valid boolean"),
+        ({"creep_um_per_s": [0.1, "a"]}, "creep_um_per_s.1: Input should be a valid"),
+        ({"backlash_um": -0.1}, "backlash_um: Input should be greater than or equal"),
+        ({"bump_um": float("nan")}, "bump_um: Input should be a finite number"),
     ],
 )
 def test_bad_settings_raise_value_error(settings, message) -> None:

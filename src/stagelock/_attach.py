@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from stagelock.daemon import LatestSlot, SlotClosed
 from stagelock.registration import Registrar, ShiftEstimate, Status
 
 if TYPE_CHECKING:
@@ -86,16 +87,17 @@ class AttachHandle:
 
         attached --detach()--> detached   (also on leaving a ``with`` block)
 
-    Frames arrive on the acquisition's thread and are put into a latest-wins slot
-    of size one; the worker measures the newest one. Frames replaced before the
-    worker got to them are counted in :attr:`skipped` and not measured.
+    Frames arrive on the acquisition's thread and are put into the daemon's
+    latest-wins slot (:class:`~stagelock.daemon.LatestSlot`); the worker
+    measures the newest one. Frames replaced before the worker got to them are
+    counted in :attr:`skipped` and not measured. :meth:`detach` measures the
+    frame still waiting in the slot, so ``received == measured + skipped``
+    (+ failures) afterwards.
 
     Attributes
     ----------
     core : CMMCorePlus
         The core being watched.
-    skipped : int
-        Frames dropped because the worker was still busy with an earlier one.
     received : int
         Frames received so far.
     """
@@ -115,10 +117,9 @@ class AttachHandle:
         self._estimates: collections.deque[FrameShift] = collections.deque(
             maxlen=max_estimates
         )
-        self._pending: _Pending | None = None
+        self._slot: LatestSlot[_Pending] = LatestSlot()
         self._cond = threading.Condition()
         self._closed = False
-        self.skipped = 0
         self.received = 0
         self.measured = 0
         self._worker = threading.Thread(
@@ -129,6 +130,11 @@ class AttachHandle:
         core.events.imageSnapped.connect(self._on_snapped)
 
     # -- results ------------------------------------------------------------------
+
+    @property
+    def skipped(self) -> int:
+        """Frames dropped because the worker was still busy with an earlier one."""
+        return self._slot.skipped_total
 
     @property
     def latest(self) -> FrameShift | None:
@@ -185,12 +191,12 @@ class AttachHandle:
             if self._closed:
                 return
             self._closed = True
-            self._pending = None
-            self._cond.notify_all()
         with contextlib.suppress(Exception):
             self.core.mda.events.frameReady.disconnect(self._on_mda_frame)
         with contextlib.suppress(Exception):
             self.core.events.imageSnapped.disconnect(self._on_snapped)
+        # the worker measures the frame still in the slot, then stops
+        self._slot.close()
         if threading.current_thread() is not self._worker:
             self._worker.join(timeout_s)
 
@@ -211,11 +217,9 @@ class AttachHandle:
         with self._cond:
             if self._closed:
                 return
-            if self._pending is not None:
-                self.skipped += 1
-            self._pending = _Pending(image, self.received, time.time(), mda_index)
+            index = self.received
             self.received += 1
-            self._cond.notify_all()
+        self._slot.put(_Pending(image, index, time.time(), mda_index))
 
     def _on_mda_frame(self, image: npt.NDArray[Any], event: Any, meta: Any) -> None:
         try:
@@ -236,13 +240,13 @@ class AttachHandle:
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while self._pending is None and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                pending, self._pending = self._pending, None
-            assert pending is not None
+            try:
+                got = self._slot.get()
+            except SlotClosed:
+                return
+            if got is None:
+                continue
+            pending = got[0]
             try:
                 estimate = self._measure(pending.image)
             except Exception:
@@ -254,8 +258,6 @@ class AttachHandle:
                 pending.frame_index, pending.time_s, estimate, pending.mda_index
             )
             with self._cond:
-                if self.detached:
-                    return
                 self._estimates.append(result)
                 self.measured += 1
                 self._cond.notify_all()

@@ -22,26 +22,19 @@ owns the publisher and is the only one to call :meth:`ZmqPublisher.publish`.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from ._protocol import json_safe
+from stagelock.protocol import DEFAULT_PUBLISH_ENDPOINT, encode
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["ZmqPublisher", "encode"]
+__all__ = ["ZmqPublisher"]
 
 logger = logging.getLogger(__name__)
-
-
-def encode(topic: str, message: Mapping[str, Any]) -> list[bytes]:
-    """Encode one message as two frames: ``[topic, utf-8 json]`` (NaN → null)."""
-    body = json.dumps(json_safe(message), allow_nan=False, separators=(",", ":"))
-    return [topic.encode("ascii"), body.encode("utf-8")]
 
 
 class ZmqPublisher:
@@ -65,7 +58,7 @@ class ZmqPublisher:
 
     def __init__(
         self,
-        endpoint: str = "tcp://127.0.0.1:5556",
+        endpoint: str = DEFAULT_PUBLISH_ENDPOINT,
         *,
         hwm: int = 1000,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,

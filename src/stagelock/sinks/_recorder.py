@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ._protocol import SHIFT_TOPIC, json_safe
+from stagelock.protocol import SHIFT_TOPIC, json_safe
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence

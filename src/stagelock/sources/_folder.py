@@ -98,6 +98,8 @@ class FolderSource:
 
     frames_at_start = False
     """A watched folder may stay empty for long: the daemon is ready once watching."""
+    core = None
+    """No Micro-Manager core behind a folder (no stage loop)."""
 
     def __init__(
         self,

@@ -38,7 +38,9 @@ if TYPE_CHECKING:
     import useq
     from pymmcore_plus import CMMCorePlus
 
-__all__ = ["MMCoreSource", "SourceState", "release_core"]
+    from stagelock.config import MicroManagerSourceConfig
+
+__all__ = ["MMCoreSource", "SourceState", "open_core", "release_core"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +117,7 @@ class MMCoreSource:
         if not poll_interval_s > 0:
             raise ValueError(f"poll_interval_s must be > 0; got {poll_interval_s}")
         self.core = core
+        self.frames_at_start = True
         self.interval_ms = float(interval_ms)
         self.observe = bool(observe)
         self.mda_sequence = mda_sequence
@@ -339,6 +342,63 @@ def _frame_key(image: npt.NDArray[Any], meta: Mapping[str, Any]) -> object:
     return hash(flat[:: max(1, flat.size // 4096)].tobytes())
 
 
+def open_core(settings: MicroManagerSourceConfig | None = None) -> CMMCorePlus:
+    """Load a Micro-Manager core as ``[source.micromanager]`` describes it.
+
+    The one way stagelock opens a core (the daemon and ``stagelock calibrate``):
+    the system configuration (default: the demo configuration of the
+    ``mm-test-adapters`` wheel), then the camera, then every device property.
+
+    Parameters
+    ----------
+    settings : MicroManagerSourceConfig, optional
+        ``config_file``, ``camera`` and ``properties``; default: the demo
+        configuration as it loads.
+
+    Returns
+    -------
+    CMMCorePlus
+        Loaded; release it with :func:`release_core`.
+
+    Raises
+    ------
+    RuntimeError
+        When the configuration cannot be loaded or a property cannot be set;
+        one line naming what failed. Nothing is left loaded.
+    """
+    from pymmcore_plus import CMMCorePlus
+
+    config_file = None if settings is None else settings.config_file
+    what = config_file or "the demo configuration (mm-test-adapters)"
+    core = CMMCorePlus()
+    try:
+        try:
+            if config_file is None:
+                core.loadSystemConfiguration()
+            else:
+                core.loadSystemConfiguration(str(config_file))
+        except Exception as exc:
+            raise RuntimeError(f"cannot load {what}: {exc}") from None
+        if settings is not None and settings.camera:
+            try:
+                core.setCameraDevice(settings.camera)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"camera: cannot select {settings.camera!r}: {exc}"
+                ) from None
+        for device, prop, value in () if settings is None else settings.properties:
+            try:
+                core.setProperty(device, prop, value)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"properties: cannot set {device}.{prop} = {value!r}: {exc}"
+                ) from None
+    except BaseException:
+        release_core(core)
+        raise
+    return core
+
+
 def release_core(core: CMMCorePlus | None) -> None:
     """Stop acquisitions, unload all devices and collect garbage.
 
@@ -364,9 +424,4 @@ def release_core(core: CMMCorePlus | None) -> None:
             core.stopSequenceAcquisition()
     with contextlib.suppress(Exception):
         core.unloadAllDevices()
-    simulation = getattr(core, "stagelock_simulation", None)
-    if simulation is not None:
-        with contextlib.suppress(Exception):
-            del core.stagelock_simulation  # type: ignore[attr-defined]
-    del simulation
     gc.collect()

@@ -47,9 +47,23 @@ class FrameSource(Protocol):
 
     The callback must return quickly (it hands the frame to a latest-wins slot);
     a source never waits for a frame to be measured.
+
+    Attributes
+    ----------
+    name : str
+        Put in every frame's ``source`` and in every message.
+    frames_at_start : bool
+        True when frames flow as soon as :meth:`start` returns (a camera); False
+        when the source may stay quiet for hours and is ready once started (a
+        watched folder). The daemon tells systemd it is ready accordingly.
+    core : CMMCorePlus or None
+        The Micro-Manager core behind the frames, when there is one (optional
+        capability: a stage loop needs it); None otherwise.
     """
 
     name: str
+    frames_at_start: bool
+    core: Any
 
     def start(self, on_frame: FrameCallback) -> None:
         """Begin delivering frames to ``on_frame``; returns immediately."""

@@ -11,12 +11,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from stagelock.config import StageSettings
 from stagelock.registration import Registrar
-
-from ._calibration import Calibration
-from ._loop import Correction, StageLoop
-from ._mmstage import MMStageDriver
-from ._settings import StageSettings
+from stagelock.stage import Calibration, Correction, MMStageDriver, StageLoop
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -98,7 +95,7 @@ def run_simulated(
     -------
     DemoTrace
     """
-    scope = core.stagelock_simulation
+    scope = core.simulation
     truth = calibration_of(scope)
     cal = calibration or truth
     base = settings or StageSettings()

@@ -30,6 +30,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
+from stagelock.protocol import (
+    ALARM_TOPIC,
+    CORRECTION_TOPIC,
+    DEFAULT_PUBLISH_ENDPOINT,
+    SHIFT_TOPIC,
+    STATUS_TOPIC,
+    TOPIC_PREFIX,
+    DaemonState,
+)
+
 if TYPE_CHECKING:
     import threading
 
@@ -37,18 +47,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_ENDPOINT",
+    "MonitorRow",
     "MonitorState",
-    "SourceState",
     "parse_endpoint",
     "render",
     "run_monitor",
     "sparkline",
 ]
 
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"
+DEFAULT_ENDPOINT = DEFAULT_PUBLISH_ENDPOINT
 """Where ``stagelock run`` publishes by default."""
 
-TOPIC_PREFIX = b"stagelock."
 """Subscription prefix: covers shift, status, correction, alarm and log topics."""
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
@@ -71,8 +80,8 @@ MAX_BATCH = 2000
 _WARN_STATUSES = frozenset({"low_confidence", "blank"})
 _OK_STATUSES = frozenset({"ok"})
 # daemon states: "measuring" is the daemon's word, "running" the wire spec's
-_NORMAL_STATES = frozenset({"running", "measuring"})
-_BAD_STATES = frozenset({"source_lost", "stopped", "error"})
+_NORMAL_STATES = frozenset({DaemonState.MEASURING.value})
+_BAD_STATES = frozenset({DaemonState.SOURCE_LOST.value, DaemonState.STOPPED.value})
 
 _ENDPOINT_RE = re.compile(
     r"^tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-*]+):(?P<port>\d{1,5})$"
@@ -133,7 +142,7 @@ def _text(value: Any) -> str | None:
 
 
 @dataclass(slots=True)
-class SourceState:
+class MonitorRow:
     """What the monitor knows about one daemon (one ``source`` name).
 
     Fields are ``None`` until a message has carried them. Times called
@@ -197,7 +206,7 @@ class MonitorState:
 
     Attributes
     ----------
-    sources : dict of str to SourceState
+    sources : dict of str to MonitorRow
         One entry per ``source`` name, in order of first appearance.
     received : int
         Every message handed to :meth:`update`, good or bad.
@@ -215,7 +224,7 @@ class MonitorState:
         label (``"simulated :5556"``, ``"simulated @scope-2:5556"``).
     """
 
-    sources: dict[str, SourceState] = field(default_factory=dict)
+    sources: dict[str, MonitorRow] = field(default_factory=dict)
     received: int = 0
     malformed: int = 0
     ignored: int = 0
@@ -271,7 +280,7 @@ class MonitorState:
             return False
         row = self.sources.get(source)
         if row is None:
-            row = self.sources[source] = SourceState(source)
+            row = self.sources[source] = MonitorRow(source)
         row.last_seen_at = now
         handler(row, decoded, now)
         return True
@@ -333,7 +342,7 @@ def _decode(message: bytes | str | Mapping[str, Any]) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _on_shift(row: SourceState, msg: dict[str, Any], now: float) -> None:
+def _on_shift(row: MonitorRow, msg: dict[str, Any], now: float) -> None:
     row.shifts_received += 1
     row.shift_arrivals.append(now)
     row.frame = _integer(msg.get("frame"))
@@ -351,7 +360,7 @@ def _on_shift(row: SourceState, msg: dict[str, Any], now: float) -> None:
         row.drift_px.append(math.nan)
 
 
-def _on_status(row: SourceState, msg: dict[str, Any], now: float) -> None:
+def _on_status(row: MonitorRow, msg: dict[str, Any], now: float) -> None:
     row.state = _text(msg.get("state")) or row.state
     row.daemon_fps = _number(msg.get("fps"))
     corrections = _integer(msg.get("corrections"))
@@ -367,7 +376,7 @@ def _on_status(row: SourceState, msg: dict[str, Any], now: float) -> None:
         row.alarms = {a: row.alarms.get(a, "") for a in names if a}
 
 
-def _on_correction(row: SourceState, msg: dict[str, Any], now: float) -> None:
+def _on_correction(row: MonitorRow, msg: dict[str, Any], now: float) -> None:
     row.corrections_seen += 1
     # between heartbeats, count the corrections seen here on top of the last total
     row.corrections = max(row.corrections or 0, row.corrections_seen)
@@ -375,7 +384,7 @@ def _on_correction(row: SourceState, msg: dict[str, Any], now: float) -> None:
     row.stage_y_um = _number(msg.get("stage_y_um"))
 
 
-def _on_alarm(row: SourceState, msg: dict[str, Any], now: float) -> None:
+def _on_alarm(row: MonitorRow, msg: dict[str, Any], now: float) -> None:
     name = _text(msg.get("alarm")) or "alarm"
     if msg.get("active") is False:
         row.alarms.pop(name, None)
@@ -384,10 +393,10 @@ def _on_alarm(row: SourceState, msg: dict[str, Any], now: float) -> None:
 
 
 _HANDLERS = {
-    "stagelock.shift": _on_shift,
-    "stagelock.status": _on_status,
-    "stagelock.correction": _on_correction,
-    "stagelock.alarm": _on_alarm,
+    SHIFT_TOPIC: _on_shift,
+    STATUS_TOPIC: _on_status,
+    CORRECTION_TOPIC: _on_correction,
+    ALARM_TOPIC: _on_alarm,
 }
 
 
@@ -446,9 +455,7 @@ def _fmt(value: float | int | None, spec: str) -> str:
     return format(value, spec)
 
 
-def _status_cell(
-    row: SourceState, now: float, silent_after_s: float
-) -> tuple[str, str]:
+def _status_cell(row: MonitorRow, now: float, silent_after_s: float) -> tuple[str, str]:
     """Text and rich style of a source's status cell: the worst thing wins."""
     silent = row.silent_s(now)
     if silent >= silent_after_s:
@@ -589,7 +596,7 @@ def _connect(endpoints: Sequence[str]) -> tuple[Any, dict[Any, str]]:
         sock.setsockopt(zmq.RECONNECT_IVL, 200)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         sock.setsockopt(zmq.RCVHWM, 10_000)
-        sock.setsockopt(zmq.SUBSCRIBE, TOPIC_PREFIX)
+        sock.setsockopt(zmq.SUBSCRIBE, TOPIC_PREFIX.encode("ascii"))
         sock.connect(endpoint)
         sockets[sock] = endpoint
     return context, sockets

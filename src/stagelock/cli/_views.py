@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._cli import CliError, add_verbosity
+from ._common import CliError, add_verbosity
 
 __all__ = ["add_commands"]
 
@@ -19,7 +19,7 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     subparsers : argparse._SubParsersAction
         The ``stagelock`` parser's subcommand registry.
     """
-    from ._monitor import DEFAULT_ENDPOINT
+    from stagelock.views import DEFAULT_ENDPOINT
 
     monitor = subparsers.add_parser(
         "monitor",
@@ -91,7 +91,7 @@ def _positive_float(text: str) -> float:
 
 
 def _monitor(args: argparse.Namespace) -> int:
-    from ._monitor import DEFAULT_ENDPOINT, parse_endpoint, run_monitor
+    from stagelock.views import DEFAULT_ENDPOINT, parse_endpoint, run_monitor
 
     endpoints = args.endpoint or [DEFAULT_ENDPOINT]
     try:
@@ -108,7 +108,12 @@ def _monitor(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from ._plot import MissingExtraError, RecordError, load_record, plot_record
+    from stagelock.views import (
+        MissingExtraError,
+        RecordError,
+        load_record,
+        plot_record,
+    )
 
     try:
         record = load_record(args.record)

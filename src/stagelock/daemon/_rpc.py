@@ -25,7 +25,7 @@ from typing import Any
 
 import zmq
 
-from .sinks._protocol import json_safe
+from stagelock.protocol import json_safe
 
 __all__ = [
     "CommandError",

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse  # noqa: TC003 - used at run time by add_commands callers
-import gc
-import logging
 import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._cli import CliError, add_verbosity
+from ._common import CliError, add_verbosity, keep_log_level
 
 if TYPE_CHECKING:
-    from .control import StageSettings
+    from stagelock.config import StageSettings
 
 __all__ = ["add_commands"]
 
@@ -63,11 +61,11 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 
 def _load(config_path: Path | None) -> tuple[Any, StageSettings]:
-    from .control import StageSettings
+    from stagelock.config import StageSettings
 
     if config_path is None:
         return None, StageSettings()
-    from ._config import ConfigError, load_config
+    from stagelock.config import ConfigError, load_config
 
     try:
         config = load_config(config_path)
@@ -80,42 +78,25 @@ def _load(config_path: Path | None) -> tuple[Any, StageSettings]:
 def _open_core(config: Any) -> Any:
     """Open the simulated core, or the config's Micro-Manager core."""
     kind = "simulated" if config is None else config.source.kind
-    if kind == "micromanager":
-        from pymmcore_plus import CMMCorePlus
-
-        core = CMMCorePlus()
-        mm = config.source.micromanager
-        try:
-            if mm.config_file is None:
-                core.loadSystemConfiguration()
-            else:
-                core.loadSystemConfiguration(str(mm.config_file))
-        except Exception as exc:
-            raise CliError(
-                f"cannot load the Micro-Manager configuration: {exc}"
-            ) from None
-        return core
-    if kind != "simulated":
+    if kind not in ("simulated", "micromanager"):
         raise CliError(
             f"calibration needs a camera and a stage; source.kind is {kind!r}"
         )
-    from .sources._simulated import create_simulated_core
-
+    with keep_log_level():
+        from stagelock.sim import create_simulated_core
+        from stagelock.sources import open_core
+    if kind == "micromanager":
+        try:
+            return open_core(config.source.micromanager)
+        except RuntimeError as exc:
+            raise CliError(f"source.micromanager: {exc}") from None
     settings = None if config is None else config.simulation.microscope_settings()
     return create_simulated_core(settings)
 
 
-def _release(core: Any) -> None:
-    try:
-        core.unloadAllDevices()
-    except Exception:  # teardown must not mask the real error
-        logging.getLogger(__name__).debug("unloading devices failed", exc_info=True)
-    del core
-    gc.collect()
-
-
 def _calibrate(args: argparse.Namespace) -> int:
-    from .control import CalibrationError, calibrate
+    from stagelock.sources import release_core
+    from stagelock.stage import CalibrationError, calibrate
 
     config, stage = _load(args.config)
     opts = stage.calibration
@@ -133,7 +114,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     except (CalibrationError, ValueError, TimeoutError) as exc:
         raise CliError(str(exc)) from None
     finally:
-        _release(core)
+        release_core(core)
     path = cal.to_file(args.output)
     print(
         f"pixel size {cal.pixel_size_um:.4f} µm, rotation {cal.rotation_deg:.2f}°, "
@@ -146,8 +127,14 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .control._demo import DemoTrace, run_simulated, summarize
-    from .sources._simulated import create_simulated_core
+    with keep_log_level():
+        from stagelock.sim import (
+            DemoTrace,
+            create_simulated_core,
+            run_simulated,
+            summarize,
+        )
+        from stagelock.sources import release_core
 
     if args.frames < 2:
         raise CliError(f"--frames must be >= 2; got {args.frames}")
@@ -168,7 +155,7 @@ def _demo(args: argparse.Namespace) -> int:
     def show(k: int, trace: DemoTrace) -> None:
         if k % max(1, args.every) and k != args.frames - 1:
             return
-        scope = core.stagelock_simulation
+        scope = core.simulation
         t = trace.time_s[-1]
         # the drift alone: what the image would show without any stage motion
         d = scope.image_shift_px(scope.true_drift_um())
@@ -189,7 +176,7 @@ def _demo(args: argparse.Namespace) -> int:
             on_frame=show,
         )
     finally:
-        _release(core)
+        release_core(core)
     result = summarize(trace, lock_frames=min(20, args.frames // 2))
     rms = result["residual_rms_px"]
     final = float(np.hypot(*trace.true_px[-1]))

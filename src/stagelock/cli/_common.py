@@ -1,37 +1,17 @@
-"""The ``stagelock`` command line: one subcommand per job."""
+"""What every subcommand shares: the error type, ``-v``/``-q`` and logging."""
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import logging
 import sys
 from typing import TYPE_CHECKING
 
-from . import __version__
-
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    import argparse
+    from collections.abc import Iterator
 
-__all__ = ["main"]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Build the argument parser with every subcommand registered."""
-    from . import _cli_register
-
-    parser = argparse.ArgumentParser(
-        prog="stagelock",
-        description="Measure and cancel microscope stage drift.",
-    )
-    parser.add_argument(
-        "--version", action="version", version=f"stagelock {__version__}"
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _cli_register.add_commands(sub)
-    for name in ("_cli_daemon", "_cli_stage", "_cli_monitor"):
-        module = __import__(f"stagelock.{name}", fromlist=["add_commands"])
-        module.add_commands(sub)
-    return parser
+__all__ = ["CliError", "add_verbosity", "keep_log_level", "setup_logging"]
 
 
 def add_verbosity(parser: argparse.ArgumentParser) -> None:
@@ -68,20 +48,16 @@ class CliError(Exception):
         self.exit_code = exit_code
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the process exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(args)
+@contextlib.contextmanager
+def keep_log_level() -> Iterator[None]:
+    """Keep the root logger's level across an import of pymmcore-plus.
+
+    Importing pymmcore-plus lowers the root logger to DEBUG; the level that
+    ``-v``/``-q`` chose must survive it.
+    """
+    root = logging.getLogger()
+    level = root.level
     try:
-        code = args.func(args)
-    except CliError as exc:
-        print(f"stagelock {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    return int(code or 0)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+        yield
+    finally:
+        root.setLevel(level)

@@ -19,120 +19,51 @@ the first frame is measured (:func:`build_stage_loop`).
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
+import functools
 import logging
-import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from ._control import CommandError, ControlServer
-from ._sdnotify import SystemdNotifier
-from ._slot import LatestSlot, SlotClosed
-from .registration import Registrar, ShiftEstimate, Status
-from .sinks._protocol import (
-    ALARM_SCHEMA,
-    ALARM_TOPIC,
+from stagelock.protocol import (
+    CORRECTION_TOPIC,
     SHIFT_SCHEMA,
     SHIFT_TOPIC,
     STATUS_SCHEMA,
     STATUS_TOPIC,
+    DaemonState,
     ShiftMessage,
-    ShiftSink,
     StatusMessage,
+    finite_or_none,
 )
-from .sources._protocol import Frame, FrameSource
+from stagelock.registration import Registrar, ShiftEstimate, Status
+
+from ._alarms import Alarms
+from ._commands import COMMANDS
+from ._rpc import ControlServer
+from ._sdnotify import SystemdNotifier
+from ._slot import LatestSlot, SlotClosed
+from ._status import DaemonStatus, stage_summary
 
 if TYPE_CHECKING:
-    from ._config import Config
-    from .control import Alarm, Calibration, StageLoop
+    from collections.abc import Callable, Mapping, Sequence
 
-__all__ = [
-    "CORRECTION_TOPIC",
-    "Daemon",
-    "DaemonError",
-    "DaemonState",
-    "DaemonStatus",
-    "build_daemon",
-    "build_sinks",
-    "build_source",
-    "build_stage_loop",
-]
+    from stagelock.config import Config
+    from stagelock.sinks import ShiftSink
+    from stagelock.sources import Frame, FrameSource
+    from stagelock.stage import Alarm, StageLoop
+
+__all__ = ["Daemon", "DaemonError"]
 
 logger = logging.getLogger("stagelock.daemon")
-
-CORRECTION_TOPIC = "stagelock.correction"
-"""Topic of stage corrections (schema ``stagelock.correction/1``, see
-:meth:`stagelock.control.Correction.to_message`)."""
 
 
 class DaemonError(RuntimeError):
     """The daemon cannot start; the message says why and what to do."""
-
-
-class DaemonState(str, Enum):
-    """What the daemon is doing."""
-
-    STARTING = "starting"
-    """Sinks and source started; no frame yet."""
-    REFERENCING = "referencing"
-    """Collecting the reference (mean strategy, or waiting for a usable frame)."""
-    MEASURING = "measuring"
-    """Every frame is measured against the reference."""
-    PAUSED = "paused"
-    """Frames arrive and are dropped unmeasured (``pause`` command)."""
-    SOURCE_LOST = "source_lost"
-    """No frame for ``source.stall_timeout_s``."""
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-
-
-@dataclass(frozen=True, slots=True)
-class DaemonStatus:
-    """A consistent snapshot of the daemon (the ``status`` command's reply)."""
-
-    state: str
-    source: str
-    frames_received: int
-    frames_measured: int
-    frames_skipped: int
-    frames_failed: int
-    fps: float
-    dx_px: float | None
-    dy_px: float | None
-    confidence: float | None
-    status: str | None
-    last_frame: int | None
-    reference_frame: int | None
-    references_taken: int
-    corrections: int
-    alarm: str | None
-    uptime_s: float
-    publish_endpoint: str | None
-    control_endpoint: str | None
-    record_path: str | None
-    stage: dict[str, Any] | None = None
-    """The stage loop's :meth:`~stagelock.control.StageLoop.status` plus the
-    stage position (``position_um``) and the move from the start
-    (``offset_um``); None without feedback."""
-
-    def as_dict(self) -> dict[str, Any]:
-        """Return the fields as a plain dict (JSON-ready)."""
-        return dataclasses.asdict(self)
-
-
-MeasurementHook = Callable[
-    [Frame, ShiftEstimate, ShiftMessage], Sequence[tuple[str, Mapping[str, Any]]]
-]
-"""Called on the worker thread after each measurement; returns extra
-``(topic, message)`` pairs to send to the sinks (e.g. stage corrections)."""
 
 
 class Daemon:
@@ -151,8 +82,6 @@ class Daemon:
         systemd notifications; default one reading the environment.
     control : bool
         Bind the control socket at ``config.control.endpoint``.
-    hooks : sequence of callables
-        :data:`MeasurementHook` s run after each measurement.
     cleanup : sequence of callables
         Run last on shutdown (e.g. releasing a Micro-Manager core).
     stage_loop : StageLoop, optional
@@ -185,7 +114,6 @@ class Daemon:
         sinks: Sequence[ShiftSink] = (),
         notifier: SystemdNotifier | None = None,
         control: bool = True,
-        hooks: Sequence[MeasurementHook] = (),
         cleanup: Sequence[Callable[[], None]] = (),
         publish_endpoint: str | None = None,
         record_path: str | None = None,
@@ -195,7 +123,6 @@ class Daemon:
         self.source = source
         self.sinks = list(sinks)
         self.notifier = notifier if notifier is not None else SystemdNotifier()
-        self.hooks = list(hooks)
         self._cleanup = list(cleanup)
         self._want_control = control
         self.control: ControlServer | None = None
@@ -226,7 +153,7 @@ class Daemon:
         self._reference_frame: int | None = None
         self._references_taken = 0
         self._corrections = 0
-        self._alarms: dict[str, str] = {}
+        self.alarms = Alarms(source.name, self._send)
         self._measure_times: collections.deque[float] = collections.deque(maxlen=64)
 
         # worker-only state
@@ -236,61 +163,6 @@ class Daemon:
         self._ready_sent = False
 
     # -- public control ---------------------------------------------------------------
-
-    def handlers(
-        self,
-    ) -> dict[str, Callable[[Mapping[str, Any]], Mapping[str, Any] | None]]:
-        """Return the control dispatch table: command name → handler."""
-        return {
-            "status": self._cmd_status,
-            "pause": self._cmd_pause,
-            "resume": self._cmd_resume,
-            "rereference": self._cmd_rereference,
-            "stop": self._cmd_stop,
-        }
-
-    def _cmd_status(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
-        """``{"command": "status"}`` → ``{"ok": true, "state": ..., ...}``.
-
-        ``stagelock ctl status``
-        """
-        return self.status().as_dict()
-
-    def _cmd_pause(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
-        """``{"command": "pause"}`` → ``{"ok": true, "state": "paused"}``.
-
-        ``stagelock ctl pause``: frames keep arriving and are dropped unmeasured;
-        the stage loop makes no correction until ``resume``.
-        """
-        self.pause()
-        return {"state": DaemonState.PAUSED.value}
-
-    def _cmd_resume(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
-        """``{"command": "resume"}`` → ``{"ok": true, "state": "measuring"}``.
-
-        ``stagelock ctl resume``
-        """
-        self.resume()
-        return {"state": self.status().state}
-
-    def _cmd_rereference(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
-        """``{"command": "rereference"}`` → ``{"ok": true, "rereference": ...}``.
-
-        ``stagelock ctl rereference``: the next good frame becomes the reference
-        (the stage loop starts afresh from there).
-        """
-        self.rereference()
-        return {"rereference": "requested"}
-
-    def _cmd_stop(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
-        """``{"command": "stop"}`` → ``{"ok": true, "state": "stopping"}``.
-
-        ``stagelock ctl stop``: the same shutdown as SIGTERM.
-        """
-        if self._stop.is_set():
-            raise CommandError("already stopping", "stopping")
-        self.request_stop("stop command")
-        return {"state": DaemonState.STOPPING.value}
 
     def pause(self) -> None:
         """Stop measuring (frames are dropped) until :meth:`resume`."""
@@ -354,15 +226,15 @@ class Daemon:
                 frames_skipped=self._slot.skipped_total,
                 frames_failed=self._frames_failed,
                 fps=round(fps, 3),
-                dx_px=_finite(est.dx_px) if est else None,
-                dy_px=_finite(est.dy_px) if est else None,
+                dx_px=finite_or_none(est.dx_px) if est else None,
+                dy_px=finite_or_none(est.dy_px) if est else None,
                 confidence=est.confidence if est else None,
                 status=est.status.value if est else None,
                 last_frame=last[0].index if last else None,
                 reference_frame=self._reference_frame,
                 references_taken=self._references_taken,
                 corrections=corrections,
-                alarm=", ".join(sorted(self._alarms)) or None,
+                alarm=self.alarms.summary(),
                 uptime_s=round(time.monotonic() - self._started_at, 3),
                 publish_endpoint=self._publish_endpoint,
                 control_endpoint=self.control.endpoint if self.control else None,
@@ -401,7 +273,11 @@ class Daemon:
 
             try:
                 self.control = ControlServer(
-                    self.config.control.endpoint, self.handlers()
+                    self.config.control.endpoint,
+                    {
+                        name: functools.partial(command, self)
+                        for name, command in COMMANDS.items()
+                    },
                 )
             except zmq.ZMQError as exc:
                 raise DaemonError(
@@ -420,7 +296,7 @@ class Daemon:
             self.control.endpoint if self.control else "(none)",
         )
         self.source.start(self._on_frame)
-        if not getattr(self.source, "frames_at_start", True):
+        if not self.source.frames_at_start:
             # a watched folder may stay empty for hours: it is ready once watching
             self._send_ready()
 
@@ -498,7 +374,7 @@ class Daemon:
                 st.frames_measured,
                 st.frames_skipped,
                 st.frames_failed,
-                "" if final_stage is None else "; " + _stage_summary(final_stage),
+                "" if final_stage is None else "; " + stage_summary(final_stage),
             )
             self.notifier.close()
 
@@ -656,12 +532,6 @@ class Daemon:
             n = self._frames_measured
         message = self._shift_message(frame, est, skipped)
         self._send(SHIFT_TOPIC, message)
-        for hook in self.hooks:
-            try:
-                for topic, extra in hook(frame, est, message):
-                    self._send(topic, extra)
-            except Exception:
-                logger.exception("measurement hook %r failed", hook)
         self._correct(frame, est)
         self._track_quality(frame, est)
         every = self.config.log.every_n_frames
@@ -678,7 +548,7 @@ class Daemon:
             f"{est.status.value}; {st.fps:.1f} fps, {st.frames_skipped} skipped"
         )
         if st.stage is not None:
-            text += "; " + _stage_summary(st.stage)
+            text += "; " + stage_summary(st.stage)
         logger.info("%s", text)
 
     def _correct(self, frame: Frame, est: ShiftEstimate) -> None:
@@ -698,25 +568,19 @@ class Daemon:
             )
         if loop.alarm is None:
             # the loop clears its alarms silently; mirror that on the alarm topic
-            with self._lock:
-                standing = [a for a in self._alarms if a.startswith("stage_")]
-            for name in standing:
-                self._set_alarm(name, None)
+            self.alarms.clear_prefix("stage_")
 
     def _on_stage_alarm(self, alarm: Alarm, message: str) -> None:
         # called by the loop on the worker thread (in update) when it raises one
         name = f"stage_{alarm.value}"
-        with self._lock:
-            others = [a for a in self._alarms if a.startswith("stage_") and a != name]
-        for other in others:
-            self._set_alarm(other, None)
-        self._set_alarm(name, message)
+        self.alarms.clear_prefix("stage_", keep=name)
+        self.alarms.set(name, message)
 
     def _shift_message(
         self, frame: Frame, est: ShiftEstimate, skipped: int
     ) -> ShiftMessage:
         px = self.pixel_size_um
-        dx, dy = _finite(est.dx_px), _finite(est.dy_px)
+        dx, dy = finite_or_none(est.dx_px), finite_or_none(est.dy_px)
         return ShiftMessage(
             schema=SHIFT_SCHEMA,
             frame=frame.index,
@@ -748,7 +612,7 @@ class Daemon:
                     "frame %d: confidence back (%.2f)", frame.index, est.confidence
                 )
             self._bad_run = 0
-            self._set_alarm("measurement_failing", None)
+            self.alarms.set("measurement_failing", None)
             return
         self._bad_run += 1
         if self._bad_run == 1:
@@ -760,7 +624,7 @@ class Daemon:
             )
         limit = self.config.registration.alarm_after_bad_frames
         if self._bad_run >= limit:
-            self._set_alarm(
+            self.alarms.set(
                 "measurement_failing",
                 f"{self._bad_run} frames in a row without a trustworthy shift "
                 f"(last: {est.status.value})",
@@ -774,14 +638,14 @@ class Daemon:
             return
         lost = now - arrival > self.config.source.stall_timeout_s
         if lost and state is not DaemonState.SOURCE_LOST:
-            self._set_alarm(
+            self.alarms.set(
                 "source_lost",
                 f"no frame from {self.source.name} for "
                 f"{self.config.source.stall_timeout_s:g} s",
             )
             self._set_state(DaemonState.SOURCE_LOST)
         elif not lost and state is DaemonState.SOURCE_LOST:
-            self._set_alarm("source_lost", None)
+            self.alarms.set("source_lost", None)
             logger.info("source reconnected: frames arrive again")
             with self._lock:
                 paused, has_ref = self._paused, self._registrar is not None
@@ -792,31 +656,6 @@ class Daemon:
                 if has_ref
                 else DaemonState.REFERENCING
             )
-
-    def _set_alarm(self, name: str, message: str | None) -> None:
-        with self._lock:
-            was = name in self._alarms
-            if message is None:
-                self._alarms.pop(name, None)
-            else:
-                self._alarms[name] = message
-        if message is not None and not was:
-            logger.warning("alarm %s: %s", name, message)
-        elif message is None and was:
-            logger.info("alarm %s cleared", name)
-        else:
-            return
-        self._send(
-            ALARM_TOPIC,
-            {
-                "schema": ALARM_SCHEMA,
-                "source": self.source.name,
-                "time": time.time(),
-                "alarm": name,
-                "active": message is not None,
-                "message": message or f"{name} cleared",
-            },
-        )
 
     def _set_state(self, state: DaemonState) -> None:
         with self._lock:
@@ -855,280 +694,3 @@ class Daemon:
                 f"{st.state}: {st.frames_measured} frames measured, last {shift}, "
                 f"{st.fps:.1f} fps"
             )
-
-
-def _stage_summary(stage: Mapping[str, Any]) -> str:
-    """``stage +0.62, -0.34 µm from start, 11 corrections, loop tracking``."""
-    offset = stage.get("offset_um")
-    where = (
-        f"stage {offset[0]:+.3f}, {offset[1]:+.3f} µm from start"
-        if offset is not None
-        else "stage position unknown"
-    )
-    n = stage["corrections"]
-    text = f"{where}, {n} correction{'' if n == 1 else 's'}, loop {stage['state']}"
-    if stage.get("alarm"):
-        text += f", alarm {stage['alarm']}"
-    return text
-
-
-def _finite(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
-
-
-# -- wiring from a Config ----------------------------------------------------------
-
-
-def build_source(config: Config) -> tuple[FrameSource, list[Callable[[], None]]]:
-    """Create the frame source the configuration names, and its clean-ups.
-
-    Raises
-    ------
-    DaemonError
-        When the source cannot be created (missing folder, Micro-Manager config
-        not loadable, the simulated microscope not available).
-    """
-    kind = config.source.kind
-    if kind == "folder":
-        from .sources._folder import FolderSource
-
-        folder = config.source.folder
-        assert folder.path is not None  # checked by the config
-        try:
-            return (
-                FolderSource(
-                    folder.path,
-                    pattern=folder.pattern,
-                    from_start=folder.from_start,
-                    poll_interval_s=folder.poll_interval_s,
-                    give_up_after_s=folder.give_up_after_s,
-                ),
-                [],
-            )
-        except FileNotFoundError as exc:
-            raise DaemonError(f"source.folder.path: {exc}") from None
-    try:
-        # written alongside this module; guarded so a missing piece is one line
-        from .sources import MMCoreSource, create_simulated_core, release_core
-    except ImportError as exc:
-        raise DaemonError(
-            f"source.kind = {kind!r} needs stagelock.sources.MMCoreSource, which is "
-            f"not available ({exc}); use --watch DIR (a folder source) instead"
-        ) from None
-    if kind == "simulated":
-        sim_core = create_simulated_core(config.simulation.microscope_settings())
-        sim = MMCoreSource(
-            sim_core,
-            interval_ms=config.simulation.frame_interval_ms,
-            name="simulated",
-        )
-        return sim, [lambda: release_core(sim_core)]
-    mm = config.source.micromanager
-    from pymmcore_plus import CMMCorePlus
-
-    core = CMMCorePlus()
-    try:
-        if mm.config_file is None:
-            core.loadSystemConfiguration()
-        else:
-            core.loadSystemConfiguration(str(mm.config_file))
-        if mm.camera:
-            core.setCameraDevice(mm.camera)
-        for device, prop, value in mm.properties:
-            try:
-                core.setProperty(device, prop, value)
-            except Exception as exc:
-                raise RuntimeError(
-                    f"properties: cannot set {device}.{prop} = {value!r}: {exc}"
-                ) from None
-        sequence = None
-        if mm.mda_file is not None:
-            import useq
-
-            sequence = useq.MDASequence.from_file(mm.mda_file)
-    except Exception as exc:
-        release_core(core)
-        what = mm.config_file or "the demo configuration (mm-test-adapters)"
-        raise DaemonError(f"source.micromanager: cannot load {what}: {exc}") from None
-    src = MMCoreSource(
-        core, interval_ms=mm.interval_ms, observe=mm.observe, mda_sequence=sequence
-    )
-    return src, [lambda: release_core(core)]
-
-
-def build_sinks(config: Config) -> tuple[list[ShiftSink], str | None, str | None]:
-    """Create the recorder (if configured) then the publisher.
-
-    Raises
-    ------
-    DaemonError
-        When the record file cannot be opened or the endpoint cannot be bound.
-    """
-    import zmq
-
-    from .sinks._publisher import ZmqPublisher
-    from .sinks._recorder import Recorder
-
-    sinks: list[ShiftSink] = []
-    record_path = None
-    if config.record.path is not None:
-        try:
-            sinks.append(
-                # JSON lines keep corrections and alarms next to the shifts;
-                # a CSV file takes only the shifts (its columns)
-                Recorder(
-                    config.record.path,
-                    topics=(SHIFT_TOPIC, CORRECTION_TOPIC, ALARM_TOPIC),
-                    fsync=config.record.flush == "fsync",
-                )
-            )
-        except (OSError, ValueError) as exc:
-            raise DaemonError(f"record.path: {exc}") from None
-        record_path = str(config.record.path)
-    try:
-        publisher = ZmqPublisher(config.publish.endpoint, hwm=config.publish.hwm)
-    except zmq.ZMQError as exc:
-        for sink in sinks:
-            sink.close()
-        raise DaemonError(
-            f"publish.endpoint {config.publish.endpoint}: {exc} "
-            "(is another stagelock running? choose --publish ENDPOINT)"
-        ) from None
-    sinks.append(publisher)
-    return sinks, record_path, publisher.endpoint
-
-
-def build_stage_loop(config: Config, core: Any) -> StageLoop:
-    """Create the closed loop the ``[stage]`` section describes, on ``core``.
-
-    The calibration is read from ``stage.calibration_file``; without one (the
-    simulated microscope, or ``stage.auto_calibrate = true``) it is measured now
-    by moving the stage in a small pattern (:func:`stagelock.control.calibrate`),
-    so sign, scale, rotation and flip are found, never assumed.
-
-    Parameters
-    ----------
-    config : Config
-        With ``stage.feedback`` on.
-    core : CMMCorePlus
-        The loaded core whose camera is measured and whose XY stage is moved;
-        no acquisition may be running (the calibration snaps).
-
-    Returns
-    -------
-    StageLoop
-
-    Raises
-    ------
-    DaemonError
-        When the calibration file is missing or invalid, the calibration fails,
-        or the core has no usable XY stage; the message names the key.
-    """
-    from .control import MMStageDriver, StageLoop
-
-    stage = config.stage
-    try:
-        driver = MMStageDriver(core, stage.device)
-    except ValueError as exc:
-        raise DaemonError(f"stage.device: {exc}") from None
-    if stage.calibration_file is not None:
-        cal = _read_calibration(stage.calibration_file)
-        how = f"from {stage.calibration_file}"
-    else:
-        cal = _calibrate_now(config, core)
-        how = "measured at start-up"
-    logger.info(
-        "stage calibration %s: pixel size %.4f µm, rotation %+.2f°, flip %s, "
-        "residual %.3f px (%d images)",
-        how,
-        cal.pixel_size_um,
-        cal.rotation_deg,
-        "yes" if cal.flipped else "no",
-        cal.residual_px,
-        cal.n_points,
-    )
-    loop = StageLoop(driver, cal, stage)
-    logger.info(
-        "stage feedback on: %s, gain %g, dead band %g px, travel limit ±%g µm",
-        driver.device,
-        stage.gain,
-        stage.dead_band_px,
-        stage.travel_limit_um,
-    )
-    return loop
-
-
-def _read_calibration(path: Any) -> Calibration:
-    from .control import Calibration
-
-    try:
-        return Calibration.from_file(path)
-    except FileNotFoundError:
-        raise DaemonError(
-            f"stage.calibration_file: {path} does not exist; write it with "
-            "'stagelock calibrate --config FILE -o calibration.toml'"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise DaemonError(
-            f"stage.calibration_file: {exc}; write a new one with "
-            "'stagelock calibrate --config FILE -o calibration.toml'"
-        ) from None
-
-
-def _calibrate_now(config: Config, core: Any) -> Calibration:
-    from .control import CalibrationError, calibrate
-
-    opts = config.stage.calibration
-    logger.info("calibrating the stage (moves it in a small pattern, ~2 s)")
-    try:
-        # the [stage.calibration] keys are calibrate()'s keyword arguments
-        return calibrate(core, device=config.stage.device, **opts.model_dump())
-    except (CalibrationError, ValueError, TimeoutError, RuntimeError) as exc:
-        raise DaemonError(
-            f"stage: the start-up calibration failed: {exc} (is the sample in "
-            "focus and textured? or set stage.calibration_file from "
-            "'stagelock calibrate')"
-        ) from None
-
-
-def build_daemon(config: Config, *, notifier: SystemdNotifier | None = None) -> Daemon:
-    """Create a :class:`Daemon` with the source, sinks and stage loop configured.
-
-    With ``stage.feedback`` on, the camera→stage calibration is read or measured
-    here, before any frame is acquired (see :func:`build_stage_loop`).
-
-    Raises
-    ------
-    DaemonError
-        When a part cannot be created; nothing is left open.
-    """
-    sinks, record_path, endpoint = build_sinks(config)
-    cleanup: list[Callable[[], None]] = []
-    try:
-        source, cleanup = build_source(config)
-        loop = None
-        if config.stage.feedback:
-            core = getattr(source, "core", None)
-            if core is None:
-                raise DaemonError(
-                    "stage.feedback = true needs a Micro-Manager core; source "
-                    f"{source.name} has none (set stage.feedback = false)"
-                )
-            loop = build_stage_loop(config, core)
-    except BaseException:
-        for fn in cleanup:
-            with contextlib.suppress(Exception):
-                fn()
-        for sink in sinks:
-            sink.close()
-        raise
-    return Daemon(
-        config,
-        source,
-        sinks=sinks,
-        notifier=notifier,
-        cleanup=cleanup,
-        publish_endpoint=endpoint,
-        record_path=record_path,
-        stage_loop=loop,
-    )

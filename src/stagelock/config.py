@@ -20,13 +20,16 @@ variable                    overrides                     example
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .control._settings import StageSettings
+from .protocol import DEFAULT_CONTROL_ENDPOINT, DEFAULT_PUBLISH_ENDPOINT
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -37,6 +40,9 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = [
+    "DEFAULT_CONTROL_ENDPOINT",
+    "DEFAULT_PUBLISH_ENDPOINT",
+    "CalibrationSettings",
     "CameraConfig",
     "Config",
     "ConfigError",
@@ -48,6 +54,7 @@ __all__ = [
     "RecordConfig",
     "RegistrationConfig",
     "SimulationConfig",
+    "SimulationSettings",
     "SourceConfig",
     "StageSettings",
     "format_validation_error",
@@ -55,9 +62,10 @@ __all__ = [
     "validate_config",
 ]
 
-DEFAULT_PUBLISH_ENDPOINT = "tcp://127.0.0.1:5556"
-DEFAULT_CONTROL_ENDPOINT = "tcp://127.0.0.1:5557"
-
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+"""A finite number; a string such as ``"0.5"`` is an error, not a number."""
+Bool = Annotated[bool, Field(strict=True)]
+"""``true`` or ``false``; ``"yes"`` or ``1`` is an error."""
 PositiveFloat = Annotated[float, Field(gt=0)]
 Endpoint = Annotated[str, Field(pattern=r"^(tcp|ipc|inproc)://.+")]
 
@@ -130,49 +138,129 @@ class SourceConfig(_Section):
         return self
 
 
-class SimulationConfig(_Section):
+class SimulationSettings(_Section):
+    """The simulated microscope (:func:`stagelock.sim.create_simulated_core`).
+
+    Every key has a default; numbers must be finite.
+
+    Attributes
+    ----------
+    shape_px : (rows, cols)
+        Camera sensor size.
+    pixel_size_um : float
+        Sample-plane size of one camera pixel.
+    rotation_deg : float
+        Rotation of the camera relative to the stage axes (counter-clockwise in
+        (x = columns, y = rows) image coordinates).
+    flip_x, flip_y : bool
+        Mirror the stage's x / y axis as seen by the camera.
+    exposure_ms : float
+        Initial camera exposure; a snap takes this long.
+    peak_photons : float
+        Photo-electrons at the brightest point of the sample (sets the noise).
+    creep_um_per_s : (x, y)
+        Linear thermal creep of the sample.
+    random_walk_um_per_sqrt_s : float
+        Diffusion coefficient of the random-walk part of the drift, per axis.
+    bump_every_s : float
+        Mean interval between sudden steps of the sample (Poisson); 0 = never.
+    bump_um : float
+        Size of each step (random direction).
+    stage_speed_um_per_s : float
+        Stage travel speed (vector).
+    stage_settle_ms : float
+        Time the stage stays busy after reaching its target.
+    stage_step_um : float
+        Stage resolution: targets are rounded to multiples of this; 0 = exact.
+    backlash_um : float
+        Mechanical play per axis: after a direction reversal the sample does not
+        follow the motor for this distance.
+    travel_range_um : (xmin, xmax, ymin, ymax), optional
+        Stage travel limits (motor coordinates); moves outside raise.
+    seed : int
+        Seed of the drift and the camera noise.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    shape_px: tuple[Annotated[int, Field(ge=16)], Annotated[int, Field(ge=16)]] = (
+        512,
+        512,
+    )
+    pixel_size_um: Annotated[Number, Field(gt=0)] = 0.65
+    rotation_deg: Number = 0.0
+    flip_x: Bool = False
+    flip_y: Bool = False
+    exposure_ms: Annotated[Number, Field(gt=0)] = 10.0
+    peak_photons: Annotated[Number, Field(gt=0)] = 500.0
+    creep_um_per_s: tuple[Number, Number] = (0.05, -0.03)
+    random_walk_um_per_sqrt_s: Annotated[Number, Field(ge=0)] = 0.02
+    bump_every_s: Annotated[Number, Field(ge=0)] = 0.0
+    bump_um: Annotated[Number, Field(ge=0)] = 2.0
+    stage_speed_um_per_s: Annotated[Number, Field(gt=0)] = 200.0
+    stage_settle_ms: Annotated[Number, Field(ge=0)] = 20.0
+    stage_step_um: Annotated[Number, Field(ge=0)] = 0.01
+    backlash_um: Annotated[Number, Field(ge=0)] = 0.0
+    travel_range_um: tuple[Number, Number, Number, Number] | None = None
+    """Stage limits ``[xmin, xmax, ymin, ymax]``; none = unlimited."""
+    seed: Annotated[int, Field(strict=True)] = 0
+
+    @model_validator(mode="after")
+    def _ordered_travel_range(self) -> SimulationSettings:
+        r = self.travel_range_um
+        if r is not None and not (r[0] < r[1] and r[2] < r[3]):
+            raise ValueError(
+                f"travel_range_um must have xmin < xmax and ymin < ymax; got {list(r)}"
+            )
+        return self
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any] | None) -> SimulationSettings:
+        """Validate a settings mapping (e.g. a TOML table).
+
+        Raises
+        ------
+        ValueError
+            On an unknown key or an invalid value (one line naming the key).
+        """
+        try:
+            return cls.model_validate(dict(settings or {}))
+        except ValidationError as exc:
+            raise ValueError(format_validation_error(exc)) from None
+
+    @property
+    def camera_matrix(self) -> npt.NDArray[np.float64]:
+        """2×2 matrix taking a sample displacement in µm to an image shift in px."""
+        theta = math.radians(self.rotation_deg)
+        rot = np.array(
+            [[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]]
+        )
+        flips = np.diag([-1.0 if self.flip_x else 1.0, -1.0 if self.flip_y else 1.0])
+        return np.asarray(rot @ flips / self.pixel_size_um, dtype=np.float64)
+
+
+class SimulationConfig(SimulationSettings):
     """``[simulation]``: the built-in simulated microscope (kind "simulated").
 
     The defaults drift visibly but realistically: 0.05 µm/s of thermal creep
     (about 3 µm a minute, as a stage that has not warmed up) plus a random walk,
-    seen at 10 frames per second. The keys other than ``frame_interval_ms`` are
-    those of :class:`stagelock.sources.SimulationSettings`.
+    seen at 10 frames per second. The keys are those of
+    :class:`SimulationSettings` plus the acquisition's ``frame_interval_ms``.
     """
 
-    shape_px: tuple[Annotated[int, Field(ge=32)], Annotated[int, Field(ge=32)]] = (
-        512,
-        512,
-    )
-    pixel_size_um: PositiveFloat = 0.65
-    rotation_deg: float = 0.0
-    flip_x: bool = False
-    flip_y: bool = False
-    exposure_ms: PositiveFloat = 10.0
     frame_interval_ms: Annotated[float, Field(ge=0)] = 100.0
     """Time between frames (0 = as fast as the simulated camera runs)."""
-    peak_photons: PositiveFloat = 500.0
-    creep_um_per_s: tuple[float, float] = (0.05, -0.03)
-    random_walk_um_per_sqrt_s: Annotated[float, Field(ge=0)] = 0.02
-    bump_every_s: Annotated[float, Field(ge=0)] = 0.0
-    bump_um: float = 2.0
-    stage_speed_um_per_s: PositiveFloat = 200.0
-    stage_settle_ms: Annotated[float, Field(ge=0)] = 20.0
-    stage_step_um: Annotated[float, Field(ge=0)] = 0.01
-    backlash_um: Annotated[float, Field(ge=0)] = 0.0
-    travel_range_um: tuple[float, float, float, float] | None = None
-    """Stage limits ``[xmin, xmax, ymin, ymax]``; none = unlimited."""
-    seed: int = 0
 
-    def microscope_settings(self) -> dict[str, Any]:
-        """Return the keys of :class:`~stagelock.sources.SimulationSettings`.
+    def microscope_settings(self) -> SimulationSettings:
+        """Return the microscope's part (everything but ``frame_interval_ms``).
 
         Returns
         -------
-        dict
-            Everything but the acquisition's ``frame_interval_ms``; ``None``
-            values left out.
+        SimulationSettings
         """
-        return self.model_dump(exclude={"frame_interval_ms"}, exclude_none=True)
+        return SimulationSettings.model_validate(
+            self.model_dump(exclude={"frame_interval_ms"})
+        )
 
 
 class RegistrationConfig(_Section):
@@ -230,10 +318,115 @@ class LogConfig(_Section):
     """One summary line per N measured frames (0 = none)."""
 
 
+class CalibrationSettings(_Section):
+    """How ``stagelock calibrate`` moves the stage (``[stage.calibration]``).
+
+    Attributes
+    ----------
+    step_um : float, optional
+        Stage step of the pattern; default: probed so that a step moves the image
+        by ~``target_shift_px``.
+    target_shift_px : float
+        Image shift aimed at by the automatic step.
+    pattern : {"cross", "grid"}
+        ``cross``: ±x, ±y; ``grid``: the 8 neighbours of a 3×3 grid. The start
+        position is revisited between points, so linear drift during the
+        calibration is fitted and removed.
+    approach_um : float, optional
+        Every position is approached from the same side after a pre-move of this
+        size, so backlash shifts all points equally; default 20 % of the step.
+    settle_s : float
+        Extra wait after the stage reports idle, before snapping.
+    max_residual_px : float
+        Refuse a fit whose RMS residual exceeds this.
+    max_anisotropy : float
+        Refuse a fit whose two singular values differ by more than this fraction
+        (strong skew or a degenerate, e.g. one-axis, response).
+    move_timeout_s : float
+        Maximum wait for one move.
+    """
+
+    step_um: float | None = Field(default=None, gt=0)
+    target_shift_px: float = Field(default=15.0, gt=0)
+    pattern: Literal["cross", "grid"] = "cross"
+    approach_um: float | None = Field(default=None, ge=0)
+    settle_s: float = Field(default=0.05, ge=0)
+    max_residual_px: float = Field(default=0.5, gt=0)
+    max_anisotropy: float = Field(default=0.1, ge=0)
+    move_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class StageSettings(_Section):
+    """Closed-loop stage compensation (the config's ``[stage]`` section).
+
+    Attributes
+    ----------
+    feedback : bool
+        Move the stage to cancel the measured drift. Off: measure only.
+    device : str, optional
+        XY stage label; default the core's current XY stage.
+    calibration_file : path, optional
+        TOML written by ``stagelock calibrate``. Required when ``feedback`` is on,
+        unless ``auto_calibrate`` is set or the source is the simulated
+        microscope (both calibrate at start-up instead).
+    auto_calibrate : bool
+        Without ``calibration_file``: run the calibration on the live core when
+        the daemon starts, before measuring.
+    gain : float
+        Fraction of the measured residual corrected per move (0 < gain ≤ 1).
+    dead_band_px : float
+        Residuals smaller than this (and predicted corrections smaller than
+        this) cause no move: avoids hunting around the stage's resolution.
+    max_step_um : float
+        Largest single correction (vector length); larger ones are shortened.
+    min_interval_s : float
+        Minimum time between two corrections.
+    settle_s : float
+        Time after the stage reports idle before a frame counts as settled
+        (should cover the exposure time).
+    max_shift_px : float
+        A larger measured shift raises an alarm instead of a move.
+    travel_limit_um : float
+        The stage never goes further than this from its start position, per axis.
+    feed_forward : bool
+        Add the estimated drift velocity times the loop delay to each move,
+        removing the lag on linear creep.
+    velocity_window_s : float
+        History used by the robust drift-velocity fit.
+    velocity_min_points : int
+        Settled frames needed before feed-forward starts.
+    jump_px : float
+        A drift jump larger than this resets the velocity history (a bump is
+        not creep).
+    max_velocity_px_s : float
+        Cap on the feed-forward velocity.
+    calibration : CalibrationSettings
+        How ``stagelock calibrate`` runs.
+    """
+
+    feedback: bool = False
+    device: str | None = None
+    calibration_file: Path | None = None
+    auto_calibrate: bool = False
+    gain: float = Field(default=0.7, gt=0, le=1)
+    dead_band_px: float = Field(default=0.1, ge=0)
+    max_step_um: float = Field(default=5.0, gt=0)
+    min_interval_s: float = Field(default=0.0, ge=0)
+    settle_s: float = Field(default=0.02, ge=0)
+    max_shift_px: float = Field(default=20.0, gt=0)
+    travel_limit_um: float = Field(default=100.0, gt=0)
+    feed_forward: bool = True
+    velocity_window_s: float = Field(default=8.0, gt=0)
+    velocity_min_points: int = Field(default=6, ge=3)
+    jump_px: float = Field(default=2.0, gt=0)
+    max_velocity_px_s: float = Field(default=5.0, gt=0)
+    calibration: CalibrationSettings = CalibrationSettings()
+
+
 class Config(_Section):
     """The whole ``stagelock run`` configuration.
 
-    ``[stage]`` is :class:`~stagelock.control.StageSettings` (closed-loop
+    ``[stage]`` is :class:`StageSettings` (closed-loop
     correction; off unless ``feedback = true``).
     """
 

@@ -31,7 +31,6 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,7 +41,10 @@ from pymmcore_plus.experimental.unicore import (
     XYStageDevice,
 )
 
-from stagelock.synthetic import CameraNoise, sample_image
+from stagelock.config import SimulationSettings
+
+from ._stage import StageMechanics
+from ._synthetic import CameraNoise, sample_image
 
 if TYPE_CHECKING:
     from numpy.typing import DTypeLike
@@ -52,9 +54,9 @@ __all__ = [
     "XY_STAGE_LABEL",
     "DriftModel",
     "SimulatedCamera",
+    "SimulatedCore",
     "SimulatedMicroscope",
     "SimulatedXYStage",
-    "SimulationSettings",
     "create_simulated_core",
 ]
 
@@ -65,170 +67,6 @@ XY_STAGE_LABEL = "XYStage"
 PIXEL_CONFIG = "stagelock-sim"
 
 Clock = Callable[[], float]
-
-
-@dataclass(frozen=True, slots=True)
-class SimulationSettings:
-    """Parameters of the simulated microscope (all have defaults).
-
-    Attributes
-    ----------
-    shape_px : (rows, cols)
-        Camera sensor size.
-    pixel_size_um : float
-        Sample-plane size of one camera pixel.
-    rotation_deg : float
-        Rotation of the camera relative to the stage axes (counter-clockwise in
-        (x = columns, y = rows) image coordinates).
-    flip_x, flip_y : bool
-        Mirror the stage's x / y axis as seen by the camera.
-    exposure_ms : float
-        Initial camera exposure; a snap takes this long.
-    peak_photons : float
-        Photo-electrons at the brightest point of the sample (sets the noise).
-    creep_um_per_s : (x, y)
-        Linear thermal creep of the sample.
-    random_walk_um_per_sqrt_s : float
-        Diffusion coefficient of the random-walk part of the drift, per axis.
-    bump_every_s : float
-        Mean interval between sudden steps of the sample (Poisson); 0 = never.
-    bump_um : float
-        Size of each step (random direction).
-    stage_speed_um_per_s : float
-        Stage travel speed (vector).
-    stage_settle_ms : float
-        Time the stage stays busy after reaching its target.
-    stage_step_um : float
-        Stage resolution: targets are rounded to multiples of this; 0 = exact.
-    backlash_um : float
-        Mechanical play per axis: after a direction reversal the sample does not
-        follow the motor for this distance.
-    travel_range_um : (xmin, xmax, ymin, ymax), optional
-        Stage travel limits (motor coordinates); moves outside raise.
-    seed : int
-        Seed of the drift and the camera noise.
-    """
-
-    shape_px: tuple[int, int] = (512, 512)
-    pixel_size_um: float = 0.65
-    rotation_deg: float = 0.0
-    flip_x: bool = False
-    flip_y: bool = False
-    exposure_ms: float = 10.0
-    peak_photons: float = 500.0
-    creep_um_per_s: tuple[float, float] = (0.05, -0.03)
-    random_walk_um_per_sqrt_s: float = 0.02
-    bump_every_s: float = 0.0
-    bump_um: float = 2.0
-    stage_speed_um_per_s: float = 200.0
-    stage_settle_ms: float = 20.0
-    stage_step_um: float = 0.01
-    backlash_um: float = 0.0
-    travel_range_um: tuple[float, float, float, float] | None = None
-    seed: int = 0
-
-    @classmethod
-    def from_mapping(cls, settings: Mapping[str, Any] | None) -> SimulationSettings:
-        """Validate a settings mapping (e.g. a TOML table).
-
-        Raises
-        ------
-        ValueError
-            On an unknown key (named in the message) or an invalid value.
-        """
-        settings = dict(settings or {})
-        known = {f.name for f in fields(cls)}
-        for key in settings:
-            if key not in known:
-                raise ValueError(
-                    f"unknown simulated-microscope setting {key!r}; "
-                    f"known: {', '.join(sorted(known))}"
-                )
-        kwargs: dict[str, Any] = {}
-        for key, value in settings.items():
-            if key in ("shape_px", "creep_um_per_s"):
-                kwargs[key] = _pair(key, value)
-            elif key == "travel_range_um":
-                kwargs[key] = None if value is None else _quad(key, value)
-            elif key in ("flip_x", "flip_y"):
-                if not isinstance(value, bool):
-                    raise ValueError(f"{key} must be true or false; got {value!r}")
-                kwargs[key] = value
-            elif key == "seed":
-                kwargs[key] = int(value)
-            else:
-                kwargs[key] = _number(key, value)
-        out = cls(**kwargs)
-        out.validate()
-        return out
-
-    def validate(self) -> None:
-        """Raise ValueError when a value is out of range."""
-        rows, cols = self.shape_px
-        if rows < 16 or cols < 16 or rows != int(rows) or cols != int(cols):
-            raise ValueError(
-                f"shape_px must be two integers >= 16; got {self.shape_px}"
-            )
-        positive = (
-            "pixel_size_um",
-            "exposure_ms",
-            "peak_photons",
-            "stage_speed_um_per_s",
-        )
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
-        non_negative = (
-            "random_walk_um_per_sqrt_s",
-            "bump_every_s",
-            "bump_um",
-            "stage_settle_ms",
-            "stage_step_um",
-            "backlash_um",
-        )
-        for name in non_negative:
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
-
-    @property
-    def camera_matrix(self) -> npt.NDArray[np.float64]:
-        """2×2 matrix taking a sample displacement in µm to an image shift in px."""
-        theta = math.radians(self.rotation_deg)
-        rot = np.array(
-            [[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]]
-        )
-        flips = np.diag([-1.0 if self.flip_x else 1.0, -1.0 if self.flip_y else 1.0])
-        return np.asarray(rot @ flips / self.pixel_size_um, dtype=np.float64)
-
-
-def _number(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{key} must be a number; got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{key} must be finite; got {value!r}")
-    return float(value)
-
-
-def _pair(key: str, value: Any) -> tuple[Any, Any]:
-    try:
-        a, b = value
-    except (TypeError, ValueError):
-        raise ValueError(f"{key} must be a pair [a, b]; got {value!r}") from None
-    if key == "shape_px":
-        return int(a), int(b)
-    return _number(key, a), _number(key, b)
-
-
-def _quad(key: str, value: Any) -> tuple[float, float, float, float]:
-    try:
-        a, b, c, d = (_number(key, v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"{key} must be [xmin, xmax, ymin, ymax] in µm; got {value!r}"
-        ) from None
-    if not (a < b and c < d):
-        raise ValueError(f"{key} must have xmin < xmax and ymin < ymax; got {value!r}")
-    return a, b, c, d
 
 
 class DriftModel:
@@ -345,103 +183,6 @@ class DriftModel:
             return [b for b in self._bump_times if b <= until_s]
 
 
-@dataclass(frozen=True, slots=True)
-class _Move:
-    """One straight stage move between physical (sample) positions."""
-
-    start: tuple[float, float]
-    end: tuple[float, float]
-    motor_start: tuple[float, float]
-    motor_end: tuple[float, float]
-    t_start: float
-    t_end: float
-
-
-class _StageMechanics:
-    """Stage kinematics: speed, settle, quantisation, backlash (monotonic time).
-
-    ``motor`` is where the controller thinks it is (what ``getXYPosition``
-    reports, before the user origin); ``sample`` is where the stage really moved
-    the sample, lagging by the backlash after a reversal.
-    """
-
-    def __init__(self, settings: SimulationSettings) -> None:
-        self.speed = settings.stage_speed_um_per_s
-        self.settle_s = settings.stage_settle_ms / 1000.0
-        self.step = settings.stage_step_um
-        self.backlash = settings.backlash_um
-        self.limits = settings.travel_range_um
-        self._lock = threading.Lock()
-        now = time.monotonic()
-        self._move = _Move((0.0, 0.0), (0.0, 0.0), (0.0, 0.0), (0.0, 0.0), now, now)
-        self._settled_at = now
-
-    def quantise(self, value: float) -> float:
-        if self.step <= 0:
-            return value
-        return round(value / self.step) * self.step
-
-    @staticmethod
-    def _interp(
-        a: tuple[float, float], b: tuple[float, float], frac: float
-    ) -> tuple[float, float]:
-        return (a[0] + (b[0] - a[0]) * frac, a[1] + (b[1] - a[1]) * frac)
-
-    def _frac(self, move: _Move, now: float) -> float:
-        if move.t_end <= move.t_start or now >= move.t_end:
-            return 1.0
-        return max(0.0, (now - move.t_start) / (move.t_end - move.t_start))
-
-    def positions(self, now: float | None = None) -> tuple[tuple[float, float], ...]:
-        """(motor, sample) positions at ``now``."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            move = self._move
-        frac = self._frac(move, now)
-        motor = self._interp(move.motor_start, move.motor_end, frac)
-        sample = self._interp(move.start, move.end, frac)
-        return motor, sample
-
-    def move_to(self, x_um: float, y_um: float) -> None:
-        """Start a move of the motor to (x, y); returns immediately."""
-        target = (self.quantise(float(x_um)), self.quantise(float(y_um)))
-        if self.limits is not None:
-            xmin, xmax, ymin, ymax = self.limits
-            if not (xmin <= target[0] <= xmax and ymin <= target[1] <= ymax):
-                raise ValueError(
-                    f"XY target ({target[0]:.3f}, {target[1]:.3f}) µm is outside the "
-                    f"travel range x {xmin}..{xmax}, y {ymin}..{ymax} µm"
-                )
-        now = time.monotonic()
-        motor, sample = self.positions(now)
-        # backlash as a play operator: the sample follows the motor only once
-        # the motor has taken up the play on that axis
-        half = self.backlash / 2.0
-        end = tuple(
-            min(max(s, t - half), t + half) for s, t in zip(sample, target, strict=True)
-        )
-        distance = math.hypot(target[0] - motor[0], target[1] - motor[1])
-        duration = distance / self.speed
-        with self._lock:
-            self._move = _Move(
-                sample, (end[0], end[1]), motor, target, now, now + duration
-            )
-            self._settled_at = now + duration + (self.settle_s if distance > 0 else 0.0)
-
-    def stop(self) -> None:
-        """Halt where the stage is now."""
-        now = time.monotonic()
-        motor, sample = self.positions(now)
-        with self._lock:
-            self._move = _Move(sample, sample, motor, motor, now, now)
-            self._settled_at = now
-
-    def busy(self) -> bool:
-        """Return True while moving or settling."""
-        with self._lock:
-            return time.monotonic() < self._settled_at
-
-
 class SimulatedXYStage(XYStageDevice):
     """A Python XY stage with finite speed, settle time, quantisation, backlash.
 
@@ -450,7 +191,7 @@ class SimulatedXYStage(XYStageDevice):
     like real stage adapters; use ``core.waitForDevice(label)``.
     """
 
-    def __init__(self, mechanics: _StageMechanics) -> None:
+    def __init__(self, mechanics: StageMechanics) -> None:
         super().__init__()
         self._mech = mechanics
         self._origin = [0.0, 0.0]
@@ -569,11 +310,11 @@ class SimulatedMicroscope:
         clock: Clock | None = None,
         core: UniMMCore | None = None,
     ) -> None:
-        if isinstance(settings, SimulationSettings):
-            settings.validate()
-            self.settings = settings
-        else:
-            self.settings = SimulationSettings.from_mapping(settings)
+        self.settings = (
+            settings
+            if isinstance(settings, SimulationSettings)
+            else SimulationSettings.from_mapping(settings)
+        )
         s = self.settings
         self._clock: Clock = clock or time.monotonic
         self._t0 = self._clock()
@@ -589,7 +330,7 @@ class SimulatedMicroscope:
         self._rng_lock = threading.Lock()
         self._matrix = s.camera_matrix
         self._prepare_world()
-        self._mechanics = _StageMechanics(s)
+        self._mechanics = StageMechanics.from_settings(s)
         self.stage = SimulatedXYStage(self._mechanics)
         self.camera = SimulatedCamera(self)
         self.core = core if core is not None else UniMMCore()
@@ -726,9 +467,24 @@ class SimulatedMicroscope:
             logger.exception("unloading the simulated devices failed")
 
 
+class SimulatedCore(UniMMCore):
+    """A ``UniMMCore`` that carries its simulated microscope, and so the truth.
+
+    Attributes
+    ----------
+    simulation : SimulatedMicroscope
+        The camera, stage and drifting sample behind this core (true drift,
+        geometry); set by :func:`create_simulated_core`.
+    """
+
+    simulation: SimulatedMicroscope
+
+
 def create_simulated_core(
-    settings: Mapping[str, Any] | None = None, *, clock: Clock | None = None
-) -> UniMMCore:
+    settings: Mapping[str, Any] | SimulationSettings | None = None,
+    *,
+    clock: Clock | None = None,
+) -> SimulatedCore:
     """Create a ``UniMMCore`` with simulated ``"Camera"`` and ``"XYStage"`` devices.
 
     Parameters
@@ -740,18 +496,15 @@ def create_simulated_core(
 
     Returns
     -------
-    UniMMCore
-        The core; the simulation object is ``core.stagelock_simulation``
-        (a :class:`SimulatedMicroscope`), for the true drift and geometry.
+    SimulatedCore
+        The core; its ``simulation`` (a :class:`SimulatedMicroscope`) knows the
+        true drift and geometry.
 
     Raises
     ------
     ValueError
         On an unknown settings key or an invalid value.
     """
-    scope = SimulatedMicroscope(settings, clock=clock)
-    core = scope.core
-    # the simulation travels with the core so a caller holding only the core can
-    # still ask for the truth
-    core.stagelock_simulation = scope  # type: ignore[attr-defined]
+    core = SimulatedCore()
+    core.simulation = SimulatedMicroscope(settings, clock=clock, core=core)
     return core

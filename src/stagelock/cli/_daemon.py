@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._cli import CliError, add_verbosity
+from ._common import CliError, add_verbosity, keep_log_level
 
 __all__ = ["add_commands", "format_status"]
 
@@ -101,7 +101,7 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from ._config import Config, ConfigError, load_config
+    from stagelock.config import Config, ConfigError, load_config
 
     try:
         config_path = args.config or os.environ.get("STAGELOCK_CONFIG")
@@ -132,12 +132,8 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    # importing pymmcore-plus (via stagelock.sources) lowers the root logger to
-    # DEBUG; keep the level -v/-q chose
-    root_level = logging.getLogger().level
-    from ._daemon import DaemonError, build_daemon
-
-    logging.getLogger().setLevel(root_level)
+    with keep_log_level():
+        from stagelock.daemon import DaemonError, build_daemon
 
     config = _load(args)
     try:
@@ -211,8 +207,8 @@ def _stage_line(stage: Any) -> str:
 
 
 def _ctl(args: argparse.Namespace) -> int:
-    from ._config import DEFAULT_CONTROL_ENDPOINT
-    from ._control import NoAnswer, request
+    from stagelock.daemon import NoAnswer, request
+    from stagelock.protocol import DEFAULT_CONTROL_ENDPOINT
 
     endpoint = (
         args.endpoint or os.environ.get("STAGELOCK_CONTROL") or DEFAULT_CONTROL_ENDPOINT
@@ -237,26 +233,3 @@ def _ctl(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run ``run``/``ctl`` alone (``python -m stagelock._cli_daemon run ...``).
-
-    The same as ``stagelock run``/``stagelock ctl``, without the other subcommands.
-    """
-    from ._cli import setup_logging
-
-    parser = argparse.ArgumentParser(prog="stagelock")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_commands(sub)
-    args = parser.parse_args(argv)
-    setup_logging(args)
-    try:
-        return int(args.func(args) or 0)
-    except CliError as exc:
-        print(f"stagelock {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -11,13 +11,15 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+from stagelock.config import StageSettings
+from stagelock.protocol import CORRECTION_SCHEMA, CorrectionMessage, finite_or_none
+
 from ._controller import (
     DriftVelocityEstimator,
     RateTracker,
     control_step_px,
     lead_time_s,
 )
-from ._settings import StageSettings
 
 if TYPE_CHECKING:
     from stagelock.registration import ShiftEstimate
@@ -28,8 +30,6 @@ if TYPE_CHECKING:
 __all__ = ["Alarm", "Correction", "CorrectionStatus", "LoopState", "StageLoop"]
 
 logger = logging.getLogger(__name__)
-
-SCHEMA = "stagelock.correction/1"
 
 
 class LoopState(str, Enum):
@@ -103,26 +103,22 @@ class Correction:
     alarm: Alarm | None = None
     message: str = ""
 
-    def to_message(self) -> dict[str, Any]:
+    def to_message(self) -> CorrectionMessage:
         """Build the JSON-ready body of a ``stagelock.correction`` message."""
-        return {
-            "schema": SCHEMA,
-            "frame": self.frame,
-            "time": self.time,
-            "move_x_um": self.move_x_um,
-            "move_y_um": self.move_y_um,
-            "stage_x_um": _finite_or_none(self.stage_x_um),
-            "stage_y_um": _finite_or_none(self.stage_y_um),
-            "residual_dx_px": _finite_or_none(self.residual_dx_px),
-            "residual_dy_px": _finite_or_none(self.residual_dy_px),
-            "status": self.status.value,
-            "alarm": None if self.alarm is None else self.alarm.value,
-            "message": self.message,
-        }
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+        return CorrectionMessage(
+            schema=CORRECTION_SCHEMA,
+            frame=self.frame,
+            time=self.time,
+            move_x_um=self.move_x_um,
+            move_y_um=self.move_y_um,
+            stage_x_um=finite_or_none(self.stage_x_um),
+            stage_y_um=finite_or_none(self.stage_y_um),
+            residual_dx_px=finite_or_none(self.residual_dx_px),
+            residual_dy_px=finite_or_none(self.residual_dy_px),
+            status=self.status.value,
+            alarm=None if self.alarm is None else self.alarm.value,
+            message=self.message,
+        )
 
 
 AlarmCallback = Callable[[Alarm, str], None]

@@ -1,0 +1,82 @@
+"""The control commands, one handler each (as circus keeps ``commands/``).
+
+A handler takes the daemon and the request and returns the reply's fields; the
+RPC server (:mod:`._rpc`) wraps them in ``{"ok": true, ...}`` and turns a
+:class:`~stagelock.daemon.CommandError` into ``{"ok": false, ...}``. Adding a
+command is adding a function here and a line in :data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from stagelock.protocol import DaemonState
+
+from ._rpc import CommandError
+
+if TYPE_CHECKING:
+    from ._daemon import Daemon
+
+__all__ = ["COMMANDS", "Command"]
+
+Command = Callable[["Daemon", Mapping[str, Any]], Mapping[str, Any]]
+"""A command: the daemon and the request in, the reply's fields out."""
+
+
+def status(daemon: Daemon, request: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``{"command": "status"}`` → ``{"ok": true, "state": ..., ...}``.
+
+    ``stagelock ctl status``
+    """
+    return daemon.status().as_dict()
+
+
+def pause(daemon: Daemon, request: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``{"command": "pause"}`` → ``{"ok": true, "state": "paused"}``.
+
+    ``stagelock ctl pause``: frames keep arriving and are dropped unmeasured;
+    the stage loop makes no correction until ``resume``.
+    """
+    daemon.pause()
+    return {"state": DaemonState.PAUSED.value}
+
+
+def resume(daemon: Daemon, request: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``{"command": "resume"}`` → ``{"ok": true, "state": "measuring"}``.
+
+    ``stagelock ctl resume``
+    """
+    daemon.resume()
+    return {"state": daemon.status().state}
+
+
+def rereference(daemon: Daemon, request: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``{"command": "rereference"}`` → ``{"ok": true, "rereference": ...}``.
+
+    ``stagelock ctl rereference``: the next good frame becomes the reference
+    (the stage loop starts afresh from there).
+    """
+    daemon.rereference()
+    return {"rereference": "requested"}
+
+
+def stop(daemon: Daemon, request: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``{"command": "stop"}`` → ``{"ok": true, "state": "stopping"}``.
+
+    ``stagelock ctl stop``: the same shutdown as SIGTERM.
+    """
+    if daemon.stop_requested:
+        raise CommandError("already stopping", "stopping")
+    daemon.request_stop("stop command")
+    return {"state": DaemonState.STOPPING.value}
+
+
+COMMANDS: dict[str, Command] = {
+    "status": status,
+    "pause": pause,
+    "resume": resume,
+    "rereference": rereference,
+    "stop": stop,
+}
+"""Command name → handler: the control socket's dispatch table."""
