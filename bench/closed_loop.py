@@ -3,7 +3,8 @@
 Scenario: 1 px/s creep plus a random walk; a control run without feedback, then
 the same microscope with feedback, with a 10 px bump injected mid-run. Prints the
 numbers; ``--json`` makes the last line one JSON object. Writes
-``bench/closed_loop.png`` (drift without correction vs residual with correction).
+``bench/results/closed_loop.png`` (drift without correction vs residual with
+correction).
 
     python bench/closed_loop.py [--frames 300] [--json]
 """
@@ -44,7 +45,9 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=300)
     parser.add_argument("--interval-s", type=float, default=0.05)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--plot", type=Path, default=HERE / "closed_loop.png")
+    parser.add_argument(
+        "--plot", type=Path, default=HERE / "results" / "closed_loop.png"
+    )
     args = parser.parse_args()
     bump = int(args.frames * 0.6)
     traces = {}
@@ -112,6 +115,7 @@ def _plot(open_loop, closed, path: Path) -> None:  # type: ignore[no-untyped-def
     axes[1].set_xlabel("time (s); grey lines: stage corrections")
     fig.suptitle("stagelock closed loop on the simulated microscope (1 px/s creep)")
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -26,11 +26,7 @@ import numpy as np
 import pytest
 import zmq
 
-try:  # tests/ is not a package; both import styles keep working
-    from ._zmq_helpers import DaemonProcess, cli, recv
-except ImportError:
-    from _zmq_helpers import DaemonProcess, cli, recv
-
+from helpers import DaemonProcess, cli, recv
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -18,12 +18,7 @@ import pytest
 import tifffile
 import zmq
 
-try:  # tests/ is not a package; both import styles keep working
-    from ._zmq_helpers import DaemonProcess, cli, free_endpoint, recv
-except ImportError:
-    from _zmq_helpers import DaemonProcess, cli, free_endpoint, recv
-
-from stagelock.sim import CameraNoise, drifting_stack
+from helpers import DaemonProcess, cli, free_endpoint, recv, walking_drift
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -92,16 +87,6 @@ def daemon_factory(tmp_path: Path, ctx: zmq.Context[Any]) -> Iterator[Any]:
         d.close()
 
 
-def truth_and_frames(n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    shifts = np.cumsum(rng.normal(0.0, 0.6, size=(n, 2)), axis=0)
-    shifts[0] = 0.0
-    frames = drifting_stack(
-        shifts, shape=SHAPE, noise=CameraNoise(peak_photons=2000), seed=seed
-    )
-    return shifts, frames
-
-
 def write_tiff(path: Path, image: np.ndarray) -> None:
     # write under another name and rename: the way careful writers publish a file
     tmp = path.with_suffix(".part")
@@ -115,7 +100,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_shifts_published_and_recorded(daemon_factory: Any) -> None:
-    shifts, frames = truth_and_frames(10)
+    shifts, frames = walking_drift(10, seed=1)
     d = daemon_factory()
     received = []
     for i, frame in enumerate(frames):
@@ -154,7 +139,7 @@ def test_shifts_published_and_recorded(daemon_factory: Any) -> None:
 
 
 def test_control_commands(daemon_factory: Any, ctx: zmq.Context[Any]) -> None:
-    shifts, frames = truth_and_frames(6, seed=2)
+    shifts, frames = walking_drift(6, seed=2)
     d = daemon_factory()
     for i in range(2):
         write_tiff(d.watch / f"img_{i:05d}.tif", frames[i])
@@ -223,7 +208,7 @@ def test_control_commands(daemon_factory: Any, ctx: zmq.Context[Any]) -> None:
 
 
 def test_corrupt_and_half_written_files(daemon_factory: Any) -> None:
-    shifts, frames = truth_and_frames(4, seed=3)
+    shifts, frames = walking_drift(4, seed=3)
     d = daemon_factory()
     write_tiff(d.watch / "img_00000.tif", frames[0])
     recv_topic(d.sub, "stagelock.shift", frame=0)
@@ -259,7 +244,7 @@ def test_corrupt_and_half_written_files(daemon_factory: Any) -> None:
 
 def test_sigterm_during_burst_loses_nothing(daemon_factory: Any) -> None:
     n = 60
-    shifts, frames = truth_and_frames(n, seed=4)
+    shifts, frames = walking_drift(n, seed=4)
     d = daemon_factory()
 
     def burst() -> None:  # files as fast as the disk takes them

@@ -17,6 +17,7 @@ import pytest
 import zmq
 from rich.console import Console
 
+from helpers import wait_until
 from stagelock.cli import main
 from stagelock.views import (
     MonitorState,
@@ -27,21 +28,6 @@ from stagelock.views import (
 )
 
 TIMEOUT_S = 10.0
-
-
-def wait_until(
-    predicate: Callable[[], bool],
-    timeout_s: float = TIMEOUT_S,
-    action: Callable[[], None] | None = None,
-) -> None:
-    """Poll ``predicate`` (calling ``action`` each round) or fail after the timeout."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout_s} s")
-        if action is not None:
-            action()
-        time.sleep(0.02)
 
 
 def shift(source: str = "scope-a", frame: int = 1, **extra: Any) -> dict[str, Any]:

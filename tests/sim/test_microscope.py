@@ -8,10 +8,7 @@ import numpy as np
 import pytest
 
 # tests/ may or may not be a package (another suite adds tests/__init__.py)
-try:
-    from ._mm_fixtures import scope_factory, snap, wait_until
-except ImportError:
-    from _mm_fixtures import scope_factory, snap, wait_until
+from helpers import scope_factory, snap, wait_until
 from stagelock import Registrar
 from stagelock.config import SimulationSettings
 from stagelock.sim import DriftModel, SimulatedMicroscope, create_simulated_core

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 
+from helpers import walking_drift
 from stagelock.config import validate_config
 from stagelock.daemon import Daemon, SystemdNotifier, build_source, build_stage_loop
-from stagelock.sim import CameraNoise, drifting_stack
 from stagelock.sources import Frame, FrameSource
 
 if TYPE_CHECKING:
@@ -108,17 +108,6 @@ class ListSink:
         return sum(t == "stagelock.shift" for t, _ in self.messages)
 
 
-def make_truth(n: int, seed: int, still: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    steps = rng.normal(0.0, 0.7, size=(n, 2))
-    steps[: still + 1] = 0.0  # the first `still` frames do not move
-    shifts = np.cumsum(steps, axis=0)
-    frames = drifting_stack(
-        shifts, shape=SHAPE, noise=CameraNoise(peak_photons=2000), seed=seed
-    )
-    return shifts, frames
-
-
 @pytest.fixture
 def run_daemon() -> Iterator[Callable[..., Daemon]]:
     made: list[Daemon] = []
@@ -147,7 +136,7 @@ def run_daemon() -> Iterator[Callable[..., Daemon]]:
 
 def test_every_shift_within_005_px(run_daemon: Callable[..., Daemon]) -> None:
     n = 25
-    shifts, frames = make_truth(n, seed=11)
+    shifts, frames = walking_drift(n, seed=11, shape=SHAPE, step_px=0.7)
     sink = ListSink()
 
     def paced(i: int) -> bool:  # next frame once this one was measured
@@ -172,7 +161,7 @@ def test_burst_into_a_slow_sink_counts_skipped(
     run_daemon: Callable[..., Daemon],
 ) -> None:
     n = 40
-    shifts, frames = make_truth(n, seed=12)
+    shifts, frames = walking_drift(n, seed=12, shape=SHAPE, step_px=0.7)
     sink = ListSink(delay_s=0.03)  # ~30 frames/s at most; the camera gives 200
     source = PushSource(frames, paced=None, period_s=0.005)
     daemon = run_daemon(source, sink)
@@ -209,7 +198,7 @@ def test_burst_into_a_slow_sink_counts_skipped(
 def test_mean_reference(run_daemon: Callable[..., Daemon]) -> None:
     n, n_mean = 16, 5
     # still during the first n_mean frames: their mean is the unshifted sample
-    shifts, frames = make_truth(n, seed=13, still=n_mean)
+    shifts, frames = walking_drift(n, seed=13, still=n_mean, shape=SHAPE, step_px=0.7)
     sink = ListSink()
     holder: list[Daemon] = []
 
@@ -338,7 +327,7 @@ class ManualSource:
 def test_bad_frames_and_a_stalled_source_raise_and_clear_alarms(
     run_daemon: Callable[..., Daemon],
 ) -> None:
-    shifts, frames = make_truth(4, seed=14)
+    shifts, frames = walking_drift(4, seed=14, shape=SHAPE, step_px=0.7)
     blank = np.full(SHAPE, 100, dtype=np.uint16)
     source = ManualSource()
     sink = ListSink()

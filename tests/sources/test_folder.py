@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -8,24 +7,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from stagelock.sources import FolderSource, Frame, FrameSource, acquisition_index
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.frames: list[Frame] = []
-        self.cond = threading.Condition()
-
-    def __call__(self, frame: Frame) -> None:
-        with self.cond:
-            self.frames.append(frame)
-            self.cond.notify_all()
-
-    def wait_for(self, n: int, timeout_s: float = 10.0) -> list[Frame]:
-        with self.cond:
-            ok = self.cond.wait_for(lambda: len(self.frames) >= n, timeout_s)
-        assert ok, f"only {len(self.frames)} of {n} frames within {timeout_s} s"
-        return list(self.frames)
+from helpers import FrameCollector
+from stagelock.sources import FolderSource, FrameSource, acquisition_index
 
 
 def image(value: int) -> np.ndarray:
@@ -47,7 +30,7 @@ def test_acquisition_index(name: str, index: int | None) -> None:
 
 
 def test_files_in_acquisition_order_and_growing_stack(tmp_path: Path) -> None:
-    got = Collector()
+    got = FrameCollector()
     # present together at the first scan: delivered by index (2 < 10), not by name
     tifffile.imwrite(tmp_path / "img_10.tif", image(10))
     tifffile.imwrite(tmp_path / "img_2.tif", image(2))
@@ -76,7 +59,7 @@ def test_files_in_acquisition_order_and_growing_stack(tmp_path: Path) -> None:
 def test_from_start_and_existing_files(tmp_path: Path) -> None:
     tifffile.imwrite(tmp_path / "old_1.tif", image(1))
     ignoring = FolderSource(tmp_path, poll_interval_s=0.02)
-    got = Collector()
+    got = FrameCollector()
     ignoring.start(got)
     try:
         tifffile.imwrite(tmp_path / "new_2.tif", image(2))
@@ -84,7 +67,7 @@ def test_from_start_and_existing_files(tmp_path: Path) -> None:
         assert Path(frames[0].metadata["file"]).name == "new_2.tif"
     finally:
         ignoring.stop()
-    replay = Collector()
+    replay = FrameCollector()
     src = FolderSource(tmp_path, from_start=True, poll_interval_s=0.02)
     src.start(replay)
     try:
@@ -95,7 +78,7 @@ def test_from_start_and_existing_files(tmp_path: Path) -> None:
 
 
 def test_corrupt_file_is_counted_and_skipped(tmp_path: Path) -> None:
-    got = Collector()
+    got = FrameCollector()
     src = FolderSource(tmp_path, poll_interval_s=0.02, give_up_after_s=0.3)
     src.start(got)
     try:

@@ -2,20 +2,15 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import threading
 
 import numpy as np
 import pytest
 import useq
 
 # tests/ may or may not be a package (another suite adds tests/__init__.py)
-try:
-    from ._mm_fixtures import scope_factory, snap, wait_until
-except ImportError:
-    from _mm_fixtures import scope_factory, snap, wait_until
+from helpers import FrameCollector, scope_factory, snap, wait_until
 from stagelock import Registrar, attach
 from stagelock.sources import (
-    Frame,
     FrameSource,
     MMCoreSource,
     SourceState,
@@ -28,29 +23,9 @@ def make_scope():
     yield from scope_factory()
 
 
-class Collector:
-    """A consumer that keeps every frame (the tests want them all)."""
-
-    def __init__(self) -> None:
-        self.frames: list[Frame] = []
-        self.lock = threading.Lock()
-
-    def __call__(self, frame: Frame) -> None:
-        with self.lock:
-            self.frames.append(frame)
-
-    def __len__(self) -> int:
-        with self.lock:
-            return len(self.frames)
-
-    def snapshot(self) -> list[Frame]:
-        with self.lock:
-            return list(self.frames)
-
-
 @pytest.fixture
 def collect():
-    return Collector()
+    return FrameCollector()
 
 
 def test_own_continuous_sequence_delivers_frames_and_shifts(make_scope, collect):
