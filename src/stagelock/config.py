@@ -179,6 +179,11 @@ class SimulationSettings(_Section):
         Stage travel limits (motor coordinates); moves outside raise.
     seed : int
         Seed of the drift and the camera noise.
+    world_pad_px : int, optional
+        Real sample around the initial view, per side (px); beyond it the
+        texture is mirror-repeated. Default ``max(256, max(shape_px) // 2)``;
+        raise it for stage positions far apart (up to ``(3·512 - frame) / 2``
+        the world is one bicubic upscale of the sample, without seams).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
@@ -204,6 +209,7 @@ class SimulationSettings(_Section):
     travel_range_um: tuple[Number, Number, Number, Number] | None = None
     """Stage limits ``[xmin, xmax, ymin, ymax]``; none = unlimited."""
     seed: Annotated[int, Field(strict=True)] = 0
+    world_pad_px: Annotated[int, Field(strict=True, ge=64)] | None = None
 
     @model_validator(mode="after")
     def _ordered_travel_range(self) -> SimulationSettings:

@@ -595,6 +595,10 @@ class Daemon:
             source=frame.source,
             latency_ms=round((time.time() - frame.time_s) * 1000.0, 3),
             n_regions=est.n_regions,
+            position=_int_or_none(frame.metadata.get("position")),
+            position_name=frame.metadata.get("position_name"),
+            channel=frame.metadata.get("channel"),
+            z=_int_or_none(frame.metadata.get("z")),
         )
 
     def _send(self, topic: str, message: Mapping[str, Any]) -> None:
@@ -694,3 +698,7 @@ class Daemon:
                 f"{st.state}: {st.frames_measured} frames measured, last {shift}, "
                 f"{st.fps:.1f} fps"
             )
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
