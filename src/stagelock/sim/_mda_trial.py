@@ -70,16 +70,26 @@ class TrialFrame:
     true_dx_px, true_dy_px : float
         The true image shift of the frame against its position's first frame
         (same channel and plane): the residual drift the lock left.
+    drift_dx_px, drift_dy_px : float
+        The image shift the sample's drift alone caused since that first frame:
+        what the frame would show without any correction.
     """
 
     index: dict[str, int]
     true_dx_px: float
     true_dy_px: float
+    drift_dx_px: float = math.nan
+    drift_dy_px: float = math.nan
 
     @property
     def residual_px(self) -> float:
         """Length of the true residual."""
         return math.hypot(self.true_dx_px, self.true_dy_px)
+
+    @property
+    def uncorrected_px(self) -> float:
+        """Length of the drift the frame would show without correction."""
+        return math.hypot(self.drift_dx_px, self.drift_dy_px)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +110,15 @@ class MDATrial:
     n_corrections: int = 0
 
     def residuals(
-        self, position: int, *, from_t: int = 0
+        self, position: int, *, from_t: int = 0, uncorrected: bool = False
     ) -> np.ndarray[Any, np.dtype[np.float64]]:
-        """Residual lengths (px) of a position's frames from time point ``from_t``."""
+        """Residual lengths (px) of a position's frames from time point ``from_t``.
+
+        With ``uncorrected``: the drift alone (what no lock would have left).
+        """
         return np.array(
             [
-                f.residual_px
+                f.uncorrected_px if uncorrected else f.residual_px
                 for f in self.frames
                 if f.index.get("p", 0) == position and f.index.get("t", 0) >= from_t
             ]
@@ -136,14 +149,15 @@ def run_mda_trial(
     MDATrial
     """
     scope = core.simulation
-    truth: list[tuple[dict[str, int], tuple[float, float]]] = []
+    truth: list[tuple[dict[str, int], tuple[float, float], tuple[float, float]]] = []
     lock = threading.Lock()
 
     def on_frame(image: Any, event: useq.MDAEvent, meta: Any) -> None:
         # runs right after the snap on the MDA thread: the last render is this frame
         shift = scope.last_true_shift_px or (math.nan, math.nan)
+        drift = scope.image_shift_px(scope.true_drift_um())
         with lock:
-            truth.append((dict(event.index), shift))
+            truth.append((dict(event.index), shift, drift))
 
     core.mda.events.frameReady.connect(on_frame)
     try:
@@ -152,17 +166,20 @@ def run_mda_trial(
         core.mda.events.frameReady.disconnect(on_frame)
     if handle is not None:
         handle.wait_idle(30.0)
-    first: dict[tuple[int, int, int, int], tuple[float, float]] = {}
+    first: dict[tuple[int, ...], tuple[tuple[float, float], tuple[float, float]]] = {}
     frames: list[TrialFrame] = []
-    for index, shift in truth:
-        key = (
-            index.get("p", 0),
-            index.get("g", 0),
-            index.get("c", 0),
-            index.get("z", 0),
+    for index, shift, drift in truth:
+        key = tuple(index.get(axis, 0) for axis in "pgcz")
+        ref, ref_drift = first.setdefault(key, (shift, drift))
+        frames.append(
+            TrialFrame(
+                index,
+                shift[0] - ref[0],
+                shift[1] - ref[1],
+                drift[0] - ref_drift[0],
+                drift[1] - ref_drift[1],
+            )
         )
-        ref = first.setdefault(key, shift)
-        frames.append(TrialFrame(index, shift[0] - ref[0], shift[1] - ref[1]))
     mean_ms = max_ms = math.nan
     n_corr = 0
     if handle is not None:

@@ -142,7 +142,7 @@ class PositionState:
     key: PositionKey
     name: str | None
     status: LockStatus
-    reference: npt.NDArray[Any] | None
+    reference: npt.NDArray[Any] | None = field(repr=False)
     last_dx_px: float
     last_dy_px: float
     offset_x_um: float
