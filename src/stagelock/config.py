@@ -100,6 +100,14 @@ class FolderSourceConfig(_Section):
     """How often a file's size is checked while it is being written."""
     give_up_after_s: PositiveFloat = 5.0
     """An unreadable file whose size did not change for this long is corrupt."""
+    position_pattern: str | None = None
+    """Regex with named groups ``position``/``channel``/``z`` for other programs'
+    multi-position names; default Micro-Manager's ``position###``, ``channel###``,
+    ``z###``. Each position gets its own reference."""
+    lock_channel: Annotated[int, Field(strict=True, ge=0)] = 0
+    """Channel index measured at every position (the others are not measured)."""
+    lock_z: Annotated[int, Field(strict=True, ge=0)] = 0
+    """z index measured at every position."""
 
 
 class MicroManagerSourceConfig(_Section):
@@ -115,6 +123,10 @@ class MicroManagerSourceConfig(_Section):
     """A useq-schema MDA sequence (YAML/JSON) to run instead of live acquisition."""
     observe: bool = False
     """Observe an acquisition someone else runs (never pops frames)."""
+    lock_channel: str | None = None
+    """MDA channel measured at every position; default the sequence's first."""
+    lock_z: Annotated[int, Field(strict=True, ge=0)] | None = None
+    """MDA z index measured; default the middle plane."""
     properties: tuple[tuple[str, str, str | float | int], ...] = ()
     """Device properties set after loading, ``[["Camera", "Mode", "Fluorescent
     Beads"], ...]`` (device label, property name, value)."""
@@ -179,6 +191,11 @@ class SimulationSettings(_Section):
         Stage travel limits (motor coordinates); moves outside raise.
     seed : int
         Seed of the drift and the camera noise.
+    world_pad_px : int, optional
+        Real sample around the initial view, per side (px); beyond it the
+        texture is mirror-repeated. Default ``max(256, max(shape_px) // 2)``;
+        raise it for stage positions far apart (up to ``(3·512 - frame) / 2``
+        the world is one bicubic upscale of the sample, without seams).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
@@ -204,6 +221,7 @@ class SimulationSettings(_Section):
     travel_range_um: tuple[Number, Number, Number, Number] | None = None
     """Stage limits ``[xmin, xmax, ymin, ymax]``; none = unlimited."""
     seed: Annotated[int, Field(strict=True)] = 0
+    world_pad_px: Annotated[int, Field(strict=True, ge=64)] | None = None
 
     @model_validator(mode="after")
     def _ordered_travel_range(self) -> SimulationSettings:

@@ -52,16 +52,20 @@ SHIFT_TOPIC = "stagelock.shift"
 STATUS_TOPIC = "stagelock.status"
 ALARM_TOPIC = "stagelock.alarm"
 CORRECTION_TOPIC = "stagelock.correction"
-SHIFT_SCHEMA = "stagelock.shift/1"
+SHIFT_SCHEMA = "stagelock.shift/2"
 STATUS_SCHEMA = "stagelock.status/1"
 ALARM_SCHEMA = "stagelock.alarm/1"
-CORRECTION_SCHEMA = "stagelock.correction/1"
+CORRECTION_SCHEMA = "stagelock.correction/2"
 
 
 class ShiftMessage(TypedDict):
-    """One measurement (topic ``stagelock.shift``, schema ``stagelock.shift/1``).
+    """One measurement (topic ``stagelock.shift``, schema ``stagelock.shift/2``).
 
     Shifts are NaN-free: a missing number is ``None`` (JSON ``null``).
+    Version 2 added ``position``, ``position_name``, ``channel`` and ``z``: the
+    field of view (MDA position index, its name), the channel and the z index of
+    the frame, ``None`` where the source does not know them (a single field of
+    view). Shifts are relative to that position's own reference.
     """
 
     schema: str
@@ -77,6 +81,10 @@ class ShiftMessage(TypedDict):
     source: str
     latency_ms: float
     n_regions: int
+    position: int | None
+    position_name: str | None
+    channel: str | None
+    z: int | None
 
 
 class StatusMessage(TypedDict):
@@ -110,7 +118,10 @@ class CorrectionMessage(TypedDict):
     """A stage move commanded or refused (topic ``stagelock.correction``).
 
     Built by :meth:`stagelock.stage.Correction.to_message`; the daemon adds
-    ``source``.
+    ``source``. Version 2 (``stagelock.correction/2``) added ``position`` and
+    ``position_name`` (None for a single field of view). In an MDA a "move" is
+    the change of the position's offset, applied at its next visit by the
+    acquisition's own stage move.
     """
 
     schema: str
@@ -125,6 +136,8 @@ class CorrectionMessage(TypedDict):
     status: str
     alarm: str | None
     message: str
+    position: int | None
+    position_name: str | None
 
 
 class DaemonState(str, Enum):

@@ -107,7 +107,7 @@ def test_shifts_published_and_recorded(daemon_factory: Any) -> None:
         write_tiff(d.watch / f"img_{i:05d}.tif", frame)
         received.append(recv_topic(d.sub, "stagelock.shift", frame=i))
     for msg, (dx, dy) in zip(received, shifts, strict=True):
-        assert msg["schema"] == "stagelock.shift/1"
+        assert msg["schema"] == "stagelock.shift/2"
         assert msg["status"] == "ok"
         assert abs(msg["dx_px"] - dx) < 0.05, (msg, dx)
         assert abs(msg["dy_px"] - dy) < 0.05, (msg, dy)

@@ -207,7 +207,7 @@ def test_closed_loop_holds_the_image_while_open_loop_drifts(
     moved = [c for c in corrections if c["status"] == "moved"]
     assert len(moved) >= 5
     for c in corrections:
-        assert c["schema"] == "stagelock.correction/1"
+        assert c["schema"] == "stagelock.correction/2"
         assert set(c) >= {"frame", "time", "move_x_um", "move_y_um", "stage_x_um"}
     # the stage followed the sample: its total move is the creep the test set
     status = closed.ctl("status")

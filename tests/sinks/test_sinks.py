@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 MESSAGE = {
-    "schema": "stagelock.shift/1",
+    "schema": "stagelock.shift/2",
     "frame": 3,
     "time": 1700000000.25,
     "dx_px": 1.5,

@@ -172,7 +172,7 @@ def test_untrustworthy_frames_never_move(estimate: ShiftEstimate, alarm: Alarm) 
     assert c is not None and c.status is CorrectionStatus.MOVED
     assert loop.alarm is None and stage.n_moves == 1
     msg = c.to_message()
-    assert msg["schema"] == "stagelock.correction/1"
+    assert msg["schema"] == "stagelock.correction/2"
     assert msg["status"] == "moved" and msg["alarm"] is None
     # the move is the one that cancels 70 % of the shift
     expect = CAL.px_to_um(-1.4, 0.0)

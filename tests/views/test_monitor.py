@@ -32,7 +32,7 @@ TIMEOUT_S = 10.0
 
 def shift(source: str = "scope-a", frame: int = 1, **extra: Any) -> dict[str, Any]:
     message = {
-        "schema": "stagelock.shift/1",
+        "schema": "stagelock.shift/2",
         "source": source,
         "frame": frame,
         "time": 1_700_000_000.0 + frame,
@@ -228,7 +228,7 @@ def test_status_alarm_and_correction_messages() -> None:
     state.update(
         "stagelock.correction",
         {
-            "schema": "stagelock.correction/1",
+            "schema": "stagelock.correction/2",
             "source": "scope-a",
             "frame": 11,
             "move_x_um": -0.8,
@@ -302,7 +302,7 @@ def test_sourceless_messages_are_attributed_by_origin_endpoint() -> None:
     state.update("stagelock.shift", shift("scope-a"), 1.0, origin="tcp://a:1")
     state.update("stagelock.shift", shift("scope-b"), 1.0, origin="tcp://b:1")
     correction = {
-        "schema": "stagelock.correction/1",
+        "schema": "stagelock.correction/2",
         "frame": 3,
         "move_x_um": 0.1,
         "move_y_um": 0.0,

@@ -11,7 +11,7 @@ from ._commands import COMMANDS
 from ._daemon import Daemon, DaemonError
 from ._rpc import CommandError, ControlServer, NoAnswer, request
 from ._sdnotify import SystemdNotifier
-from ._slot import LatestSlot, SlotClosed
+from ._slot import KeyedLatestSlot, LatestSlot, SlotClosed
 from ._status import DaemonStatus
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "Daemon",
     "DaemonError",
     "DaemonStatus",
+    "KeyedLatestSlot",
     "LatestSlot",
     "NoAnswer",
     "SlotClosed",

@@ -22,11 +22,17 @@ if TYPE_CHECKING:
     from stagelock.config import Config
     from stagelock.sinks import ShiftSink
     from stagelock.sources import FrameSource
-    from stagelock.stage import Calibration, StageLoop
+    from stagelock.stage import Calibration, PositionLocks, StageLoop
 
     from ._sdnotify import SystemdNotifier
 
-__all__ = ["build_daemon", "build_sinks", "build_source", "build_stage_loop"]
+__all__ = [
+    "build_daemon",
+    "build_mda_lock",
+    "build_sinks",
+    "build_source",
+    "build_stage_loop",
+]
 
 logger = logging.getLogger("stagelock.daemon")
 
@@ -54,11 +60,16 @@ def build_source(config: Config) -> tuple[FrameSource, list[Callable[[], None]]]
                     from_start=folder.from_start,
                     poll_interval_s=folder.poll_interval_s,
                     give_up_after_s=folder.give_up_after_s,
+                    position_pattern=folder.position_pattern,
+                    lock_channel=folder.lock_channel,
+                    lock_z=folder.lock_z,
                 ),
                 [],
             )
         except FileNotFoundError as exc:
             raise DaemonError(f"source.folder.path: {exc}") from None
+        except ValueError as exc:
+            raise DaemonError(f"source.folder.{exc}") from None
     from stagelock.sim import create_simulated_core
     from stagelock.sources import MMCoreSource, open_core, release_core
 
@@ -87,7 +98,12 @@ def build_source(config: Config) -> tuple[FrameSource, list[Callable[[], None]]]
                 f"source.micromanager.mda_file: cannot read {mm.mda_file}: {exc}"
             ) from None
     src = MMCoreSource(
-        core, interval_ms=mm.interval_ms, observe=mm.observe, mda_sequence=sequence
+        core,
+        interval_ms=mm.interval_ms,
+        observe=mm.observe,
+        mda_sequence=sequence,
+        lock_channel=mm.lock_channel,
+        lock_z=mm.lock_z,
     )
     return src, [lambda: release_core(core)]
 
@@ -193,6 +209,64 @@ def build_stage_loop(config: Config, core: Any) -> StageLoop:
     return loop
 
 
+def build_mda_lock(config: Config, core: Any) -> PositionLocks:
+    """Install a :class:`~stagelock.stage.LockingEngine` on ``core`` for an MDA.
+
+    The MDA's own stage moves then carry each position's correction (the stage
+    is never moved behind the engine's back); the daemon feeds the returned
+    table with the lock frames. The calibration comes from
+    ``stage.calibration_file`` or is measured now, as for :func:`build_stage_loop`.
+
+    Raises
+    ------
+    DaemonError
+        When the calibration cannot be read or measured.
+    """
+    from pymmcore_plus.mda import MDAEngine
+
+    from stagelock.stage import PositionLocks
+    from stagelock.stage._mda import LockingEngine, LockSelector
+
+    stage = config.stage
+    if stage.calibration_file is not None:
+        cal = _read_calibration(stage.calibration_file)
+    else:
+        cal = _calibrate_now(config, core)
+    reg = config.registration
+    locks = PositionLocks(
+        {
+            "roi": reg.roi,
+            "max_shift_px": reg.max_shift_px,
+            "n_regions": reg.n_regions,
+            "region_size_px": reg.region_size_px,
+            "min_confidence": reg.min_confidence,
+        },
+        calibration=cal,
+        feedback=True,
+        max_shift_px=stage.max_shift_px,
+        travel_limit_um=stage.travel_limit_um,
+        feed_forward=stage.feed_forward,
+        jump_px=max(stage.jump_px, 3.0),
+        max_velocity_px_s=stage.max_velocity_px_s,
+    )
+    mm = config.source.micromanager
+    old = core.mda.engine
+    options: dict[str, Any] = {}
+    if isinstance(old, MDAEngine):
+        options["use_hardware_sequencing"] = old.use_hardware_sequencing
+    engine = LockingEngine(
+        core, locks, selector=LockSelector(mm.lock_channel, mm.lock_z), **options
+    )
+    core.mda.set_engine(engine)
+    logger.info(
+        "MDA lock on: every position's correction rides on the acquisition's own "
+        "moves (travel limit ±%g µm per position, max shift %g px)",
+        stage.travel_limit_um,
+        stage.max_shift_px,
+    )
+    return locks
+
+
 def _read_calibration(path: Any) -> Calibration:
     from stagelock.stage import Calibration
 
@@ -242,6 +316,7 @@ def build_daemon(config: Config, *, notifier: SystemdNotifier | None = None) -> 
     try:
         source, cleanup = build_source(config)
         loop = None
+        locks = None
         if config.stage.feedback:
             core = source.core
             if core is None:
@@ -249,7 +324,10 @@ def build_daemon(config: Config, *, notifier: SystemdNotifier | None = None) -> 
                     "stage.feedback = true needs a Micro-Manager core; source "
                     f"{source.name} has none (set stage.feedback = false)"
                 )
-            loop = build_stage_loop(config, core)
+            if config.source.micromanager.mda_file is not None:
+                locks = build_mda_lock(config, core)
+            else:
+                loop = build_stage_loop(config, core)
     except BaseException:
         for fn in cleanup:
             with contextlib.suppress(Exception):
@@ -266,4 +344,5 @@ def build_daemon(config: Config, *, notifier: SystemdNotifier | None = None) -> 
         publish_endpoint=endpoint,
         record_path=record_path,
         stage_loop=loop,
+        position_locks=locks,
     )

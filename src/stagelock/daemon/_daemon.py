@@ -1,8 +1,9 @@
 """The live drift-measurement daemon: source → latest-wins slot → worker → sinks.
 
 This module only wires parts together: a :class:`~stagelock.sources.FrameSource`
-pushes frames into a :class:`~stagelock._slot.LatestSlot`; one worker thread
-takes the newest frame, measures it with a :class:`~stagelock.Registrar` and hands
+pushes frames into a :class:`~stagelock.daemon.KeyedLatestSlot` (latest wins,
+per position); one worker thread takes the newest frame, measures it with a
+:class:`~stagelock.Registrar` (one per position when frames carry one) and hands
 the message to every sink (recorder first, then the ZeroMQ publisher, so anything
 a subscriber saw is on disk); a control server answers commands from its own
 thread; the main thread waits for a stop request (signal, ``stop`` command,
@@ -41,12 +42,13 @@ from stagelock.protocol import (
     finite_or_none,
 )
 from stagelock.registration import Registrar, ShiftEstimate, Status
+from stagelock.stage import PositionKey, PositionLocks
 
 from ._alarms import Alarms
 from ._commands import COMMANDS
 from ._rpc import ControlServer
 from ._sdnotify import SystemdNotifier
-from ._slot import LatestSlot, SlotClosed
+from ._slot import KeyedLatestSlot, SlotClosed
 from ._status import DaemonStatus, stage_summary
 
 if TYPE_CHECKING:
@@ -84,6 +86,12 @@ class Daemon:
         Bind the control socket at ``config.control.endpoint``.
     cleanup : sequence of callables
         Run last on shutdown (e.g. releasing a Micro-Manager core).
+    position_locks : PositionLocks, optional
+        Per-position lock state for frames that carry a ``position`` in their
+        metadata (MDAs, multi-position folders); with feedback, the
+        :class:`~stagelock.stage.LockingEngine` installed on the core reads its
+        offsets from it. Default: a measure-only table made on the first such
+        frame.
     stage_loop : StageLoop, optional
         Closed-loop correction: :meth:`StageLoop.update` is called with every
         measured frame on the worker thread, and what it returns is sent on
@@ -118,6 +126,7 @@ class Daemon:
         publish_endpoint: str | None = None,
         record_path: str | None = None,
         stage_loop: StageLoop | None = None,
+        position_locks: PositionLocks | None = None,
     ) -> None:
         self.config = config
         self.source = source
@@ -130,10 +139,15 @@ class Daemon:
         self._publish_endpoint = publish_endpoint
         self._record_path = record_path
         self.stage_loop = stage_loop
+        self.position_locks = position_locks
+        if position_locks is not None and position_locks.on_alarm is None:
+            position_locks.on_alarm = self._on_position_alarm
+        self._no_frames_alarm = False
         if stage_loop is not None and stage_loop.on_alarm is None:
             stage_loop.on_alarm = self._on_stage_alarm
 
-        self._slot: LatestSlot[Frame] = LatestSlot()
+        # latest wins per position: a frame never replaces another position's
+        self._slot: KeyedLatestSlot[Frame] = KeyedLatestSlot(_position_of)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._stop_reason = ""
@@ -385,6 +399,8 @@ class Daemon:
         with self._lock:
             self._frames_received += 1
             self._last_arrival = time.monotonic()
+        if frame.metadata.get("lock") is False:
+            return  # another channel/plane of an MDA: never measured
         self._slot.put(frame)
 
     # -- worker thread ----------------------------------------------------------------
@@ -437,11 +453,78 @@ class Daemon:
         if rereference:
             self._registrar = None
             self._mean_frames = []
+            if self.position_locks is not None:
+                self.position_locks.reset()
             self._set_state(DaemonState.REFERENCING)
+        if frame.metadata.get("position") is not None:
+            self._handle_positioned(frame, skipped)
+            return
         if self._registrar is None:
             self._take_reference(frame, skipped)
             return
         self._measure_and_send(frame, skipped)
+
+    def _handle_positioned(self, frame: Frame, skipped: int) -> None:
+        """Measure a frame of a multi-position acquisition against its position."""
+        meta = frame.metadata
+        if meta.get("lock") is False:
+            return  # another channel or plane: follows its position's correction
+        locks = self.position_locks
+        if locks is None:
+            locks = self.position_locks = PositionLocks(
+                self._registrar_kwargs(), on_alarm=self._on_position_alarm
+            )
+        grid = meta.get("grid")
+        key = PositionKey(int(meta["position"]), None if grid is None else int(grid))
+        applied = None
+        if meta.get("offset_x_um") is not None:
+            applied = (float(meta["offset_x_um"]), float(meta["offset_y_um"]))
+        try:
+            result = locks.measure(
+                key,
+                np.asarray(frame.image),
+                time_s=float(meta.get("lock_time_s", frame.time_s)),
+                applied_um=applied,
+                frame=frame.index,
+                name=meta.get("position_name"),
+            )
+        except ValueError as exc:
+            with self._lock:
+                self._frames_failed += 1
+            logger.warning("frame %d not measured: %s", frame.index, exc)
+            return
+        est = result.estimate
+        if result.reference:
+            with self._lock:
+                self._reference_frame = frame.index
+                self._references_taken += 1
+                paused = self._paused
+            logger.info(
+                "reference taken for position %s: frame %d", key.label, frame.index
+            )
+            if not paused:
+                self._set_state(DaemonState.MEASURING)
+        with self._lock:
+            self._frames_measured += 1
+            self._last = (frame, est)
+            self._measure_times.append(time.monotonic())
+            n = self._frames_measured
+            if result.correction is not None and result.correction.move_x_um:
+                self._corrections += 1
+        self._send(SHIFT_TOPIC, self._shift_message(frame, est, skipped))
+        if result.correction is not None:
+            self._send(
+                CORRECTION_TOPIC,
+                {**result.correction.to_message(), "source": self.source.name},
+            )
+        self._track_quality(frame, est)
+        if self.config.frames is not None and n >= self.config.frames:
+            self.request_stop(f"measured {n} frames")
+
+    def _on_position_alarm(self, key: PositionKey, alarm: Alarm, message: str) -> None:
+        # called by the position table on the worker thread; one alarm per
+        # position and kind, named after the position
+        self.alarms.set(f"position_{key.label}_{alarm.value}", message)
 
     def _registrar_kwargs(self) -> dict[str, Any]:
         reg = self.config.registration
@@ -595,6 +678,10 @@ class Daemon:
             source=frame.source,
             latency_ms=round((time.time() - frame.time_s) * 1000.0, 3),
             n_regions=est.n_regions,
+            position=_int_or_none(frame.metadata.get("position")),
+            position_name=frame.metadata.get("position_name"),
+            channel=frame.metadata.get("channel"),
+            z=_int_or_none(frame.metadata.get("z")),
         )
 
     def _send(self, topic: str, message: Mapping[str, Any]) -> None:
@@ -635,7 +722,11 @@ class Daemon:
             arrival = self._last_arrival
             state = self._state
         if arrival is None:
+            self._check_no_frames(now)
             return
+        if self._no_frames_alarm:
+            self._no_frames_alarm = False
+            self.alarms.set("no_frames", None)
         lost = now - arrival > self.config.source.stall_timeout_s
         if lost and state is not DaemonState.SOURCE_LOST:
             self.alarms.set(
@@ -656,6 +747,23 @@ class Daemon:
                 if has_ref
                 else DaemonState.REFERENCING
             )
+
+    def _check_no_frames(self, now: float) -> None:
+        """Raise ``no_frames`` when not one frame came within the stall timeout."""
+        timeout_s = self.config.source.stall_timeout_s
+        if self._no_frames_alarm or now - self._started_at <= timeout_s:
+            return
+        self._no_frames_alarm = True
+        message = f"no frame from {self.source.name} in {timeout_s:g} s since start"
+        mm = self.config.source.micromanager
+        if self.config.source.kind == "micromanager" and mm.observe:
+            message += (
+                " (observe mode watches the core of THIS process: a Micro-Manager "
+                "core lives in one process, so an acquisition run by another "
+                "program or process is invisible here; measure inside the "
+                "acquiring process with stagelock.attach(core) instead)"
+            )
+        self.alarms.set("no_frames", message)
 
     def _set_state(self, state: DaemonState) -> None:
         with self._lock:
@@ -694,3 +802,12 @@ class Daemon:
                 f"{st.state}: {st.frames_measured} frames measured, last {shift}, "
                 f"{st.fps:.1f} fps"
             )
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _position_of(frame: Frame) -> tuple[Any, Any]:
+    """Return the slot key of a frame: its position and grid tile (None: one FOV)."""
+    return frame.metadata.get("position"), frame.metadata.get("grid")

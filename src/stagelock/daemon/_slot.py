@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import threading
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
-__all__ = ["LatestSlot", "SlotClosed"]
+if TYPE_CHECKING:
+    from collections.abc import Callable, Hashable
+
+__all__ = ["KeyedLatestSlot", "LatestSlot", "SlotClosed"]
 
 T = TypeVar("T")
 
@@ -104,3 +107,83 @@ class LatestSlot(Generic[T]):
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
         return self._closed
+
+
+class KeyedLatestSlot(Generic[T]):
+    """Holds at most one item *per key*; a new item replaces an unread one of its key.
+
+    For multi-position acquisitions: every position's lock frame matters (each
+    position is visited once per time point), so a frame never replaces another
+    position's; memory stays bounded by the number of positions. :meth:`get`
+    returns the oldest waiting item. Same interface as :class:`LatestSlot`.
+
+    Parameters
+    ----------
+    key : callable
+        ``key(item)``, hashable (e.g. the frame's position).
+    """
+
+    def __init__(self, key: Callable[[T], Hashable]) -> None:
+        self._key = key
+        self._cond = threading.Condition()
+        self._items: dict[Hashable, T] = {}
+        self._closed = False
+        self._skipped_since_get = 0
+        self.skipped_total = 0
+        """Items replaced before the consumer read them, since creation."""
+        self.put_total = 0
+        """Items offered to :meth:`put`, since creation."""
+
+    def put(self, item: T) -> bool:
+        """Store ``item``, replacing an unread one of the same key.
+
+        Returns
+        -------
+        bool
+            True when an unread item was replaced (it counts as skipped).
+        """
+        key = self._key(item)
+        with self._cond:
+            self.put_total += 1
+            if self._closed:
+                return False
+            replaced = self._items.pop(key, None) is not None
+            if replaced:
+                self._skipped_since_get += 1
+                self.skipped_total += 1
+            self._items[key] = item
+            self._cond.notify()
+            return replaced
+
+    def get(self, timeout_s: float | None = None) -> tuple[T, int] | None:
+        """Take the oldest waiting item (see :meth:`LatestSlot.get`).
+
+        Raises
+        ------
+        SlotClosed
+            When the slot is closed and empty.
+        """
+        with self._cond:
+            if not self._items and not self._closed:
+                self._cond.wait(timeout_s)
+            if self._items:
+                key = next(iter(self._items))
+                item = self._items.pop(key)
+                skipped, self._skipped_since_get = self._skipped_since_get, 0
+                return item, skipped
+            if self._closed:
+                raise SlotClosed
+            return None
+
+    def clear(self) -> int:
+        """Drop every unread item (not counted as skipped); return how many."""
+        with self._cond:
+            dropped = len(self._items)
+            self._items.clear()
+            return dropped
+
+    def close(self) -> None:
+        """Refuse new items and wake a waiting consumer; idempotent."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()

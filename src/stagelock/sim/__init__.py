@@ -15,6 +15,7 @@ The truth is known everywhere here, so tests and benchmarks can measure errors:
 """
 
 from ._demo import DemoTrace, calibration_of, run_simulated, summarize
+from ._mda_trial import EventClock, MDATrial, TrialFrame, run_mda_trial
 from ._microscope import (
     CAMERA_LABEL,
     XY_STAGE_LABEL,
@@ -39,16 +40,20 @@ __all__ = [
     "CameraNoise",
     "DemoTrace",
     "DriftModel",
+    "EventClock",
+    "MDATrial",
     "PlantStage",
     "SimClock",
     "SimulatedCore",
     "SimulatedMicroscope",
     "StageMechanics",
+    "TrialFrame",
     "calibration_of",
     "create_simulated_core",
     "drifting_stack",
     "fourier_shift",
     "random_drift",
+    "run_mda_trial",
     "run_simulated",
     "sample_image",
     "summarize",

@@ -388,7 +388,7 @@ class SimulatedMicroscope:
         # the world is bigger than the frame so moderate moves bring new, real
         # sample into view; beyond it the texture is mirror-repeated
         self._margin_px = 32
-        pad = max(256, max(rows, cols) // 2)
+        pad = self.settings.world_pad_px or max(256, max(rows, cols) // 2)
         self._world = sample_image((rows + 2 * pad, cols + 2 * pad)).astype(np.float64)
         self._world_origin = (pad, pad)
         h = rows + 2 * self._margin_px

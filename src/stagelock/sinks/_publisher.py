@@ -3,7 +3,7 @@
 Wire format: two-frame multipart messages ``[topic, json]``, the topic a dotted
 ASCII name (``b"stagelock.shift"``, ``b"stagelock.status"``, ``b"stagelock.alarm"``)
 so prefix subscriptions work (``b"stagelock."`` = everything), the body UTF-8
-JSON with a ``"schema"`` field (``"stagelock.shift/1"``...). NaN is sent as ``null``.
+JSON with a ``"schema"`` field (``"stagelock.shift/2"``...). NaN is sent as ``null``.
 
 Caveats
 -------

@@ -1,6 +1,6 @@
 """Frame sources: where frames come from (Micro-Manager, a folder)."""
 
-from ._folder import FolderSource, acquisition_index
+from ._folder import FolderSource, acquisition_index, file_position
 from ._mmcore import MMCoreSource, SourceState, open_core, release_core
 from ._protocol import Frame, FrameCallback, FrameSource
 

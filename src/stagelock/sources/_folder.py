@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from ._protocol import Frame, FrameCallback
 
-__all__ = ["FolderSource", "acquisition_index"]
+__all__ = ["FolderSource", "acquisition_index", "file_position"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,52 @@ def acquisition_index(name: str) -> int | None:
         return int(match.group(1))
     groups = _INT_GROUP.findall(stem)
     return int(groups[-1]) if groups else None
+
+
+_MM_FIELDS = {
+    "position": re.compile(r"position(\d+)", re.IGNORECASE),
+    "channel": re.compile(r"channel(\d+)", re.IGNORECASE),
+    "z": re.compile(r"(?:^|_)z(\d+)", re.IGNORECASE),
+}
+
+
+def file_position(name: str, pattern: str | None = None) -> dict[str, int]:
+    r"""Return the position, channel and z index a file name carries.
+
+    Parameters
+    ----------
+    name : str
+        A file name, e.g. Micro-Manager's
+        ``img_channel001_position002_time000000003_z004.tif`` →
+        ``{"position": 2, "channel": 1, "z": 4}``.
+    pattern : str, optional
+        A regular expression with named groups ``position``, ``channel``
+        and/or ``z`` (digits) for other programs' names, e.g.
+        ``r"s(?P<position>\d+)_c(?P<channel>\d+)"``; default the Micro-Manager
+        fields. Groups that do not match are left out.
+
+    Returns
+    -------
+    dict
+        Only the fields found (empty for a single-position name).
+    """
+    stem = name.split(".", 1)[0]
+    if pattern is not None:
+        match = re.search(pattern, stem)
+        if match is None:
+            return {}
+        groups = match.groupdict()
+        return {
+            k: int(groups[k])
+            for k in ("position", "channel", "z")
+            if groups.get(k) is not None
+        }
+    out = {}
+    for key, regex in _MM_FIELDS.items():
+        found = regex.search(stem)
+        if found:
+            out[key] = int(found.group(1))
+    return out
 
 
 @dataclass
@@ -88,6 +134,15 @@ class FolderSource:
         How long an unreadable file of unchanging size is waited for.
     name : str, optional
         Source name in messages; default the directory path.
+    position_pattern : str, optional
+        Regular expression with named groups ``position``, ``channel``, ``z``
+        for multi-position names of other programs (see :func:`file_position`);
+        default the Micro-Manager image-sequence fields.
+    lock_channel : int
+        Channel index measured at every position (the others follow).
+    lock_z : int
+        z index measured (the plane count of a growing folder is not known in
+        advance, so the default is the first plane, ``z000``).
 
     Notes
     -----
@@ -110,7 +165,23 @@ class FolderSource:
         poll_interval_s: float = 0.05,
         give_up_after_s: float = 5.0,
         name: str | None = None,
+        position_pattern: str | None = None,
+        lock_channel: int = 0,
+        lock_z: int = 0,
     ) -> None:
+        if position_pattern is not None:
+            try:
+                compiled = re.compile(position_pattern)
+            except re.error as exc:
+                raise ValueError(f"position_pattern: {exc}") from None
+            if not set(compiled.groupindex) & {"position", "channel", "z"}:
+                raise ValueError(
+                    "position_pattern needs a named group (?P<position>...), "
+                    "(?P<channel>...) or (?P<z>...)"
+                )
+        self.position_pattern = position_pattern
+        self.lock_channel = int(lock_channel)
+        self.lock_z = int(lock_z)
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"watch folder {self.path} is not a directory")
@@ -266,6 +337,7 @@ class FolderSource:
                 return True
             return self._maybe_give_up(state, now, str(exc))
         state.read_size = size
+        where = self._where(state.path.name)
         for page_index, image in pages:
             if self._stop.is_set():
                 return True
@@ -274,12 +346,28 @@ class FolderSource:
                 index=self.n_frames,
                 time_s=time.time(),
                 source=self.name,
-                metadata={"file": str(state.path), "page": page_index},
+                metadata={"file": str(state.path), "page": page_index, **where},
             )
             self.n_frames += 1
             state.pages_done = page_index + 1
             on_frame(frame)
         return True
+
+    def _where(self, name: str) -> dict[str, Any]:
+        """Frame metadata of a multi-position file name (empty for one FOV)."""
+        fields = file_position(name, self.position_pattern)
+        if "position" not in fields:
+            return {}
+        channel = fields.get("channel")
+        z = fields.get("z")
+        return {
+            "position": fields["position"],
+            "position_name": None,
+            "channel": None if channel is None else str(channel),
+            "z": z,
+            "lock": (channel is None or channel == self.lock_channel)
+            and (z is None or z == self.lock_z),
+        }
 
     def _maybe_give_up(self, state: _FileState, now: float, reason: str) -> bool:
         if now - state.size_changed_at >= self.give_up_after_s:

@@ -85,6 +85,9 @@ class MMCoreSource:
         the newest frame).
     retry_s : float
         After a camera error in own mode, how long to wait before trying again.
+    lock_channel, lock_z : optional
+        Which MDA frames are lock frames (``metadata["lock"]``; default the
+        sequence's first channel and middle plane); the others follow.
 
     Notes
     -----
@@ -96,7 +99,10 @@ class MMCoreSource:
     ``reconnects`` counts LOST → RUNNING transitions. Frame indices are the
     source's own count of delivered frames, from 0; the camera's own image
     number (when known) and, for MDA frames, ``mda_index`` (``{"t": 3}``) and
-    the event's stage position (``x_um``, ``y_um``) are in ``frame.metadata``.
+    the event's stage position (``x_um``, ``y_um``) are in ``frame.metadata``,
+    with ``position``, ``position_name``, ``channel``, ``z``, ``grid`` and
+    ``lock`` (and, when a :class:`~stagelock.stage.LockingEngine` set the event
+    up, the ``offset_x_um``/``offset_y_um`` it commanded and ``lock_time_s``).
     """
 
     def __init__(
@@ -109,6 +115,8 @@ class MMCoreSource:
         name: str | None = None,
         poll_interval_s: float = 0.002,
         retry_s: float = 1.0,
+        lock_channel: str | int | None = None,
+        lock_z: int | None = None,
     ) -> None:
         if not interval_ms >= 0:
             raise ValueError(f"interval_ms must be >= 0; got {interval_ms}")
@@ -124,6 +132,10 @@ class MMCoreSource:
         self.name: str = name or f"mmcore:{core.getCameraDevice() or 'camera'}"
         self.poll_interval_s = float(poll_interval_s)
         self.retry_s = float(retry_s)
+        self.lock_channel = lock_channel
+        self.lock_z = lock_z
+        self._selector: Any = None
+        self._selector_for: Any = None
         self.state = SourceState.IDLE
         self.reconnects = 0
         self.frames_delivered = 0
@@ -222,7 +234,36 @@ class MMCoreSource:
         for key, value in (("x_um", event.x_pos), ("y_um", event.y_pos)):
             if value is not None:
                 meta_out[key] = float(value)
+        meta_out.update(self._position_meta(event))
         self._deliver(image, meta_out)
+
+    def _position_meta(self, event: Any) -> dict[str, Any]:
+        """Position, channel, plane and lock role of an MDA frame (see the daemon)."""
+        from stagelock.stage._mda import META_KEY, LockSelector
+
+        index = event.index
+        meta: dict[str, Any] = {
+            "position": int(index.get("p", 0)),
+            "position_name": event.pos_name,
+            "channel": None if event.channel is None else event.channel.config,
+            "z": index.get("z"),
+            "grid": index.get("g"),
+        }
+        record = event.metadata.get(META_KEY)
+        if record:  # a LockingEngine set this event up: what it commanded
+            meta["lock"] = bool(record["lock"])
+            meta["offset_x_um"] = float(record["offset_x_um"])
+            meta["offset_y_um"] = float(record["offset_y_um"])
+            meta["lock_time_s"] = float(record["time_s"])
+            return meta
+        sequence = event.sequence
+        if sequence is not None:
+            if self._selector is None or self._selector_for is not sequence:
+                self._selector = LockSelector(self.lock_channel, self.lock_z)
+                self._selector.begin(sequence)
+                self._selector_for = sequence
+            meta["lock"] = self._selector.is_lock(event)
+        return meta
 
     def _mark_lost(self, error: BaseException) -> None:
         if self.state is not SourceState.LOST:

@@ -58,6 +58,9 @@ class Alarm(str, Enum):
     """The shift exceeds ``max_shift_px``: no move (bump, focus loss, wrong sample)."""
     STAGE_ERROR = "stage_error"
     """The stage driver raised: corrections paused, measuring continues."""
+    LOCK_LOST = "lock_lost"
+    """An MDA position gave unusable lock frames in a row: its offset is held and
+    the acquisition continues without new corrections there."""
 
 
 class CorrectionStatus(str, Enum):
@@ -89,6 +92,10 @@ class Correction:
     alarm : Alarm or None
     message : str
         Human-readable detail of the alarm ("" without one).
+    position : int or None
+        The MDA position index the correction belongs to (None: one field of view).
+    position_name : str or None
+        That position's name, when it has one.
     """
 
     frame: int
@@ -102,6 +109,8 @@ class Correction:
     status: CorrectionStatus
     alarm: Alarm | None = None
     message: str = ""
+    position: int | None = None
+    position_name: str | None = None
 
     def to_message(self) -> CorrectionMessage:
         """Build the JSON-ready body of a ``stagelock.correction`` message."""
@@ -118,6 +127,8 @@ class Correction:
             status=self.status.value,
             alarm=None if self.alarm is None else self.alarm.value,
             message=self.message,
+            position=self.position,
+            position_name=self.position_name,
         )
 
 
