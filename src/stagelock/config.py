@@ -15,6 +15,8 @@ variable                    overrides                     example
 ``STAGELOCK_PUBLISH``       ``publish.endpoint``          ``tcp://127.0.0.1:5556``
 ``STAGELOCK_CONTROL``       ``control.endpoint``          ``tcp://127.0.0.1:5557``
 ``STAGELOCK_RECORD``        ``record.path``               ``/var/lib/stagelock/s.jsonl``
+``STAGELOCK_STATE_DIR``     ``state_dir``                 ``/var/lib/stagelock``
+``STAGELOCK_KEYS``          ``security.keys_dir``         ``/etc/stagelock/keys``
 ==========================  ============================  =====================
 """
 
@@ -53,6 +55,7 @@ __all__ = [
     "PublishConfig",
     "RecordConfig",
     "RegistrationConfig",
+    "SecurityConfig",
     "SimulationConfig",
     "SimulationSettings",
     "SourceConfig",
@@ -329,6 +332,16 @@ class RecordConfig(_Section):
     """Flush every line; ``"fsync"`` also forces it to disk."""
 
 
+class SecurityConfig(_Section):
+    """``[security]``: CURVE encryption and authentication of both sockets."""
+
+    keys_dir: Path | None = None
+    """Directory written by ``stagelock keys generate``: the server's key pair
+    and ``authorized_clients/*.key``; none = plain sockets (loopback only)."""
+    insecure: Bool = False
+    """Allow binding a non-loopback address without keys (logged as a warning)."""
+
+
 class LogConfig(_Section):
     """``[log]``: the daemon's log lines."""
 
@@ -459,6 +472,10 @@ class Config(_Section):
     record: RecordConfig = RecordConfig()
     log: LogConfig = LogConfig()
     stage: StageSettings = StageSettings()
+    security: SecurityConfig = SecurityConfig()
+    state_dir: Path | None = None
+    """Directory keeping the reference(s), calibration and stage origin across
+    restarts (systemd: ``StateDirectory=stagelock``); none = nothing is kept."""
     frames: Annotated[int, Field(ge=1)] | None = None
     """Stop by itself after this many measured frames."""
     duration_s: PositiveFloat | None = None

@@ -23,7 +23,7 @@ __all__ = ["main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every subcommand registered."""
-    from . import _daemon, _register, _stage, _views
+    from . import _daemon, _keys, _register, _stage, _views
 
     parser = argparse.ArgumentParser(
         prog="stagelock",
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--version", action="version", version=f"stagelock {__version__}"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (_register, _daemon, _stage, _views):
+    for module in (_register, _daemon, _stage, _views, _keys):
         module.add_commands(sub)
     return parser
 

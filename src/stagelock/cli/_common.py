@@ -11,7 +11,16 @@ if TYPE_CHECKING:
     import argparse
     from collections.abc import Iterator
 
-__all__ = ["CliError", "add_verbosity", "keep_log_level", "setup_logging"]
+    from stagelock.security import ClientKeys
+
+__all__ = [
+    "CliError",
+    "add_key_options",
+    "add_verbosity",
+    "client_keys",
+    "keep_log_level",
+    "setup_logging",
+]
 
 
 def add_verbosity(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +31,49 @@ def add_verbosity(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-q", "--quiet", action="count", default=0, help="less log output"
     )
+
+
+def add_key_options(parser: argparse.ArgumentParser, *, server: bool) -> None:
+    """Add ``--keys DIR`` (and, for the daemon, ``--insecure``)."""
+    from pathlib import Path
+
+    parser.add_argument(
+        "--keys",
+        type=Path,
+        metavar="DIR",
+        help="CURVE keys from 'stagelock keys generate' (security.keys_dir; "
+        "default $STAGELOCK_KEYS)"
+        if server
+        else "CURVE keys: server.key and this client's key pair (default "
+        "$STAGELOCK_KEYS)",
+    )
+    if server:
+        parser.add_argument(
+            "--insecure",
+            action="store_true",
+            help="allow binding a non-loopback address without --keys (warns)",
+        )
+
+
+def client_keys(args: argparse.Namespace) -> ClientKeys | None:
+    """Load the client keys ``--keys`` (or ``$STAGELOCK_KEYS``) names, if any.
+
+    Raises
+    ------
+    CliError
+        When the directory lacks a usable key.
+    """
+    import os
+
+    from stagelock.security import SecurityError, load_client_keys
+
+    directory = args.keys or os.environ.get("STAGELOCK_KEYS") or None
+    if directory is None:
+        return None
+    try:
+        return load_client_keys(directory)
+    except SecurityError as exc:
+        raise CliError(str(exc)) from None
 
 
 def setup_logging(args: argparse.Namespace) -> None:

@@ -12,7 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._common import CliError, add_verbosity, keep_log_level
+from ._common import (
+    CliError,
+    add_key_options,
+    add_verbosity,
+    client_keys,
+    keep_log_level,
+)
 
 __all__ = ["add_commands", "format_status"]
 
@@ -22,6 +28,8 @@ ENV_OVERRIDES = {
     "STAGELOCK_PUBLISH": "publish__endpoint",
     "STAGELOCK_CONTROL": "control__endpoint",
     "STAGELOCK_RECORD": "record__path",
+    "STAGELOCK_STATE_DIR": "state_dir",
+    "STAGELOCK_KEYS": "security__keys_dir",
 }
 """Environment variables (between the config file and the flags)."""
 
@@ -78,16 +86,32 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="move the stage to cancel the drift (stage.feedback); --no-feedback "
         "only measures",
     )
+    run.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="keep the reference, calibration and stage origin in DIR and resume "
+        "from them after a restart (state_dir)",
+    )
+    run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="with --state-dir: discard the saved state and take a new reference",
+    )
+    add_key_options(run, server=True)
     add_verbosity(run)
     run.set_defaults(func=_run)
 
     ctl = subparsers.add_parser(
         "ctl",
         help="send a command to a running daemon",
-        description="Send status, pause, resume, rereference or stop to a daemon.",
+        description="Send status, pause, resume, rereference, reset-origin (centre "
+        "the stage's travel limit on its current position) or stop to a daemon.",
     )
     ctl.add_argument(
-        "action", metavar="COMMAND", help="status | pause | resume | rereference | stop"
+        "action",
+        metavar="COMMAND",
+        help="status | pause | resume | rereference | reset-origin | stop",
     )
     ctl.add_argument(
         "--endpoint",
@@ -96,6 +120,7 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     ctl.add_argument("--timeout-s", type=float, default=2.0, help="reply timeout (s)")
     ctl.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    add_key_options(ctl, server=False)
     add_verbosity(ctl)
     ctl.set_defaults(func=_ctl)
 
@@ -122,6 +147,9 @@ def _load(args: argparse.Namespace) -> Any:
             "duration_s": args.duration,
             "source__folder__from_start": args.from_start,
             "stage__feedback": args.feedback,
+            "state_dir": args.state_dir,
+            "security__keys_dir": args.keys,
+            "security__insecure": True if args.insecure else None,
         }
         if args.watch is not None:
             flags["source__kind"] = "folder"
@@ -136,8 +164,10 @@ def _run(args: argparse.Namespace) -> int:
         from stagelock.daemon import DaemonError, build_daemon
 
     config = _load(args)
+    if args.fresh and config.state_dir is None:
+        raise CliError("--fresh needs --state-dir DIR (or state_dir in the config)")
     try:
-        daemon = build_daemon(config)
+        daemon = build_daemon(config, fresh=args.fresh)
     except DaemonError as exc:
         raise CliError(str(exc)) from None
 
@@ -213,8 +243,9 @@ def _ctl(args: argparse.Namespace) -> int:
     endpoint = (
         args.endpoint or os.environ.get("STAGELOCK_CONTROL") or DEFAULT_CONTROL_ENDPOINT
     )
+    keys = client_keys(args)
     try:
-        reply = request(endpoint, args.action, timeout_s=args.timeout_s)
+        reply = request(endpoint, args.action, timeout_s=args.timeout_s, keys=keys)
     except NoAnswer as exc:
         raise CliError(str(exc), exit_code=1) from None
     if args.json:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._common import CliError, add_verbosity
+from ._common import CliError, add_key_options, add_verbosity, client_keys
 
 __all__ = ["add_commands"]
 
@@ -52,6 +52,7 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         metavar="S",
         help="flag a source as silent after S seconds without a message (default 3)",
     )
+    add_key_options(monitor, server=False)
     add_verbosity(monitor)
     monitor.set_defaults(func=_monitor)
 
@@ -98,8 +99,10 @@ def _monitor(args: argparse.Namespace) -> int:
         checked = [parse_endpoint(e) for e in endpoints]
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    keys = client_keys(args)
     run_monitor(
         checked,
+        keys=keys,
         json_output=args.json,
         duration_s=args.duration,
         silent_after_s=args.silent_after_s,

@@ -20,11 +20,13 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from stagelock.config import Config
+    from stagelock.security import ServerKeys
     from stagelock.sinks import ShiftSink
     from stagelock.sources import FrameSource
     from stagelock.stage import Calibration, PositionLocks, StageLoop
 
     from ._sdnotify import SystemdNotifier
+    from ._state import SavedState, StateDir
 
 __all__ = [
     "build_daemon",
@@ -108,8 +110,44 @@ def build_source(config: Config) -> tuple[FrameSource, list[Callable[[], None]]]
     return src, [lambda: release_core(core)]
 
 
-def build_sinks(config: Config) -> tuple[list[ShiftSink], str | None, str | None]:
+def _secure(config: Config) -> tuple[ServerKeys | None, Callable[[], None]]:
+    """Check the endpoints' exposure, load the keys, start the authenticator.
+
+    Returns the server keys (None without ``security.keys_dir``) and the
+    authenticator's idempotent stop.
+    """
+    from stagelock.security import (
+        SecurityError,
+        check_exposure,
+        load_server_keys,
+        start_authenticator,
+    )
+
+    try:
+        check_exposure(config)
+        if config.security.keys_dir is None:
+            return None, lambda: None
+        keys = load_server_keys(config.security.keys_dir)
+    except SecurityError as exc:
+        raise DaemonError(str(exc)) from None
+    auth = start_authenticator(keys)
+    logger.info("CURVE on: admitting the client keys in %s", keys.authorized_dir)
+    stopped: list[bool] = []
+
+    def stop() -> None:
+        if not stopped:
+            stopped.append(True)
+            auth.stop()
+
+    return keys, stop
+
+
+def build_sinks(
+    config: Config, *, keys: ServerKeys | None = None
+) -> tuple[list[ShiftSink], str | None, str | None]:
     """Create the recorder (if configured) then the publisher.
+
+    ``keys`` makes the publisher a CURVE server (see :mod:`stagelock.security`).
 
     Raises
     ------
@@ -137,7 +175,9 @@ def build_sinks(config: Config) -> tuple[list[ShiftSink], str | None, str | None
             raise DaemonError(f"record.path: {exc}") from None
         record_path = str(config.record.path)
     try:
-        publisher = ZmqPublisher(config.publish.endpoint, hwm=config.publish.hwm)
+        publisher = ZmqPublisher(
+            config.publish.endpoint, hwm=config.publish.hwm, curve=keys
+        )
     except zmq.ZMQError as exc:
         for sink in sinks:
             sink.close()
@@ -149,7 +189,9 @@ def build_sinks(config: Config) -> tuple[list[ShiftSink], str | None, str | None
     return sinks, record_path, publisher.endpoint
 
 
-def build_stage_loop(config: Config, core: Any) -> StageLoop:
+def build_stage_loop(
+    config: Config, core: Any, *, calibration: Calibration | None = None
+) -> StageLoop:
     """Create the closed loop the ``[stage]`` section describes, on ``core``.
 
     The calibration is read from ``stage.calibration_file``; without one (the
@@ -164,6 +206,9 @@ def build_stage_loop(config: Config, core: Any) -> StageLoop:
     core : CMMCorePlus
         The loaded core whose camera is measured and whose XY stage is moved;
         no acquisition may be running (the calibration snaps).
+    calibration : Calibration, optional
+        The one measured at an earlier start (from the state directory): used
+        instead of measuring again when no ``stage.calibration_file`` is set.
 
     Returns
     -------
@@ -185,6 +230,9 @@ def build_stage_loop(config: Config, core: Any) -> StageLoop:
     if stage.calibration_file is not None:
         cal = _read_calibration(stage.calibration_file)
         how = f"from {stage.calibration_file}"
+    elif calibration is not None:
+        cal = calibration
+        how = "from the state directory"
     else:
         cal = _calibrate_now(config, core)
         how = "measured at start-up"
@@ -300,21 +348,72 @@ def _calibrate_now(config: Config, core: Any) -> Calibration:
         ) from None
 
 
-def build_daemon(config: Config, *, notifier: SystemdNotifier | None = None) -> Daemon:
+def open_state(
+    config: Config, source: FrameSource, *, fresh: bool = False
+) -> tuple[StateDir | None, SavedState | None]:
+    """Open ``config.state_dir`` (if set) and read what fits ``source``.
+
+    Raises
+    ------
+    DaemonError
+        When the directory is unusable, in use, or holds the state of another
+        source or camera size (the message names ``--fresh``).
+    """
+    if config.state_dir is None:
+        return None, None
+    from ._state import StateDir, StateError
+
+    state = StateDir(
+        config.state_dir, source_name=source.name, source_kind=config.source.kind
+    )
+    try:
+        saved = state.load(fresh=fresh)
+        core = source.core
+        if saved is not None and saved.shape is not None and core is not None:
+            # a camera knows its frame size now; a folder only at its first file
+            shape = (int(core.getImageHeight()), int(core.getImageWidth()))
+            if shape != saved.shape:
+                raise StateError(
+                    f"state_dir {state.path}: the saved reference is "
+                    f"{saved.shape[0]}x{saved.shape[1]} px but the camera gives "
+                    f"{shape[0]}x{shape[1]} px; start with --fresh to discard it"
+                )
+    except StateError as exc:
+        state.close()
+        raise DaemonError(str(exc)) from None
+    return state, saved
+
+
+def build_daemon(
+    config: Config,
+    *,
+    notifier: SystemdNotifier | None = None,
+    fresh: bool = False,
+) -> Daemon:
     """Create a :class:`Daemon` with the source, sinks and stage loop configured.
 
     With ``stage.feedback`` on, the camera→stage calibration is read or measured
-    here, before any frame is acquired (see :func:`build_stage_loop`).
+    here, before any frame is acquired (see :func:`build_stage_loop`). With
+    ``state_dir`` set, the daemon resumes from the reference, calibration and
+    stage origin saved there (unless ``fresh``).
 
     Raises
     ------
     DaemonError
         When a part cannot be created; nothing is left open.
     """
-    sinks, record_path, endpoint = build_sinks(config)
+    keys, stop_auth = _secure(config)
+    try:
+        sinks, record_path, endpoint = build_sinks(config, keys=keys)
+    except BaseException:
+        stop_auth()
+        raise
     cleanup: list[Callable[[], None]] = []
     try:
         source, cleanup = build_source(config)
+        state, saved = open_state(config, source, fresh=fresh)
+        if state is not None:
+            cleanup.insert(0, state.close)
         loop = None
         locks = None
         if config.stage.feedback:
@@ -327,22 +426,56 @@ def build_daemon(config: Config, *, notifier: SystemdNotifier | None = None) -> 
             if config.source.micromanager.mda_file is not None:
                 locks = build_mda_lock(config, core)
             else:
-                loop = build_stage_loop(config, core)
+                saved_cal = None if saved is None else saved.calibration
+                loop = build_stage_loop(config, core, calibration=saved_cal)
+                if (
+                    state is not None
+                    and saved_cal is None
+                    and config.stage.calibration_file is None
+                ):
+                    state.save_calibration(loop.calibration)
+        daemon = Daemon(
+            config,
+            source,
+            sinks=sinks,
+            notifier=notifier,
+            cleanup=cleanup,
+            publish_endpoint=endpoint,
+            record_path=record_path,
+            stage_loop=loop,
+            position_locks=locks,
+            state_dir=state,
+            server_keys=keys,
+        )
+        # the authenticator goes last, after both sockets are closed
+        cleanup.append(stop_auth)
+        if saved is not None:
+            _resume(daemon, saved)
     except BaseException:
         for fn in cleanup:
             with contextlib.suppress(Exception):
                 fn()
         for sink in sinks:
             sink.close()
+        stop_auth()
         raise
-    return Daemon(
-        config,
-        source,
-        sinks=sinks,
-        notifier=notifier,
-        cleanup=cleanup,
-        publish_endpoint=endpoint,
-        record_path=record_path,
-        stage_loop=loop,
-        position_locks=locks,
-    )
+    return daemon
+
+
+def _resume(daemon: Daemon, saved: SavedState) -> None:
+    from ._state import DEFAULT_POSITION
+
+    ref = saved.references.get(DEFAULT_POSITION)
+    if ref is None:
+        # no reference yet, maybe an origin: keep the travel limit where it was
+        if daemon.stage_loop is not None:
+            daemon.stage_loop.restore(saved.origin_um, None)
+        return
+    try:
+        registrar = ref.build_registrar()
+    except (ValueError, TypeError) as exc:
+        raise DaemonError(
+            f"state_dir: the saved reference cannot be rebuilt ({exc}); start with "
+            "--fresh to discard it"
+        ) from None
+    daemon.resume_from(saved, registrar)

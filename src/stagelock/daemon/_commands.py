@@ -55,10 +55,26 @@ def rereference(daemon: Daemon, request: Mapping[str, Any]) -> Mapping[str, Any]
     """``{"command": "rereference"}`` → ``{"ok": true, "rereference": ...}``.
 
     ``stagelock ctl rereference``: the next good frame becomes the reference
-    (the stage loop starts afresh from there).
+    (and replaces the saved one in the state directory). The stage loop's drift
+    history starts afresh there; its travel limit stays centred on the
+    original origin (``reset-origin`` moves it).
     """
     daemon.rereference()
     return {"rereference": "requested"}
+
+
+def reset_origin(daemon: Daemon, request: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``{"command": "reset-origin"}`` → ``{"ok": true, "origin": "next_frame"}``.
+
+    ``stagelock ctl reset-origin``: centre the stage's travel limit on the stage
+    position at the next frame (saved in the state directory). Without a stage
+    loop: ``{"ok": false, "code": "no_stage"}``.
+    """
+    try:
+        daemon.reset_origin()
+    except ValueError as exc:
+        raise CommandError(str(exc), "no_stage") from None
+    return {"origin": "next_frame"}
 
 
 def stop(daemon: Daemon, request: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -77,6 +93,7 @@ COMMANDS: dict[str, Command] = {
     "pause": pause,
     "resume": resume,
     "rereference": rereference,
+    "reset-origin": reset_origin,
     "stop": stop,
 }
 """Command name → handler: the control socket's dispatch table."""

@@ -40,6 +40,7 @@ from stagelock.protocol import (
     ShiftMessage,
     StatusMessage,
     finite_or_none,
+    json_safe,
 )
 from stagelock.registration import Registrar, ShiftEstimate, Status
 from stagelock.stage import PositionKey, PositionLocks
@@ -55,9 +56,12 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
     from stagelock.config import Config
+    from stagelock.security import ServerKeys
     from stagelock.sinks import ShiftSink
     from stagelock.sources import Frame, FrameSource
     from stagelock.stage import Alarm, StageLoop
+
+    from ._state import SavedState, StateDir
 
 __all__ = ["Daemon", "DaemonError"]
 
@@ -96,7 +100,14 @@ class Daemon:
         Closed-loop correction: :meth:`StageLoop.update` is called with every
         measured frame on the worker thread, and what it returns is sent on
         ``stagelock.correction``. ``pause``/``resume`` pause and resume it too,
-        a new reference resets it (its start position and drift history).
+        a new reference resets its drift history (not its travel-limit origin:
+        ``reset_origin`` does that).
+    state_dir : StateDir, optional
+        Where every new reference and the stage origin are saved as they
+        change; :meth:`resume_from` continues from what was saved there.
+    server_keys : ServerKeys, optional
+        Make the control socket a CURVE server (the caller runs the
+        authenticator; see :mod:`stagelock.security`).
 
     Notes
     -----
@@ -127,8 +138,12 @@ class Daemon:
         record_path: str | None = None,
         stage_loop: StageLoop | None = None,
         position_locks: PositionLocks | None = None,
+        state_dir: StateDir | None = None,
+        server_keys: ServerKeys | None = None,
     ) -> None:
         self.config = config
+        self.server_keys = server_keys
+        self.state_dir = state_dir
         self.source = source
         self.sinks = list(sinks)
         self.notifier = notifier if notifier is not None else SystemdNotifier()
@@ -175,6 +190,8 @@ class Daemon:
         self._mean_frames: list[Frame] = []
         self._bad_run = 0
         self._ready_sent = False
+        self._resumed = False  # the registrar came from the state directory
+        self._fatal: str | None = None  # a stop that must fail the run (exit 2)
 
     # -- public control ---------------------------------------------------------------
 
@@ -204,6 +221,49 @@ class Daemon:
         with self._lock:
             self._rereference = True
         logger.info("new reference requested")
+
+    def reset_origin(self) -> None:
+        """Centre the stage's travel limit on its position at the next frame."""
+        if self.stage_loop is None:
+            raise ValueError("no stage loop (stage.feedback = false)")
+        self.stage_loop.reset_origin()
+        logger.info("travel-limit origin reset: the next frame's stage position")
+
+    def resume_from(self, saved: SavedState, registrar: Registrar) -> None:
+        """Continue from a saved state: its reference and stage origin (a restart).
+
+        Call before :meth:`start`. Shifts stay relative to the saved reference;
+        the stage loop keeps the saved travel-limit origin and reference position.
+
+        Parameters
+        ----------
+        saved : SavedState
+            Read from the state directory (:meth:`StateDir.load`).
+        registrar : Registrar
+            Rebuilt from the saved reference.
+        """
+        from ._state import DEFAULT_POSITION
+
+        ref = saved.references[DEFAULT_POSITION]
+        if json_safe(dict(ref.registrar)) != json_safe(self._registrar_kwargs()):
+            logger.warning(
+                "the [registration] settings differ from those of the saved "
+                "reference; resuming with the saved ones (start with --fresh to "
+                "apply the new ones)"
+            )
+        self._registrar = registrar
+        self._resumed = True
+        with self._lock:
+            self._reference_frame = ref.frame
+        if self.stage_loop is not None:
+            self.stage_loop.restore(saved.origin_um, ref.stage_position_um)
+        logger.info(
+            "resumed from %s: reference %s taken %s, %d template regions",
+            self.state_dir.path if self.state_dir is not None else "saved state",
+            ref.what,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ref.taken_at)),
+            len(registrar.regions),
+        )
 
     def request_stop(self, reason: str) -> None:
         """Ask the daemon to stop; safe from any thread and from signal handlers."""
@@ -292,6 +352,7 @@ class Daemon:
                         name: functools.partial(command, self)
                         for name, command in COMMANDS.items()
                     },
+                    curve=self.server_keys,
                 )
             except zmq.ZMQError as exc:
                 raise DaemonError(
@@ -339,6 +400,8 @@ class Daemon:
                 self._stop.wait(0.5 if remaining is None else min(remaining, 0.5))
         finally:
             self.shutdown()
+        if self._fatal is not None:
+            raise DaemonError(self._fatal)
         return 0
 
     def shutdown(self, timeout_s: float = 1.5) -> None:
@@ -452,12 +515,15 @@ class Daemon:
             return
         if rereference:
             self._registrar = None
+            self._resumed = False
             self._mean_frames = []
             if self.position_locks is not None:
                 self.position_locks.reset()
             self._set_state(DaemonState.REFERENCING)
         if frame.metadata.get("position") is not None:
             self._handle_positioned(frame, skipped)
+            return
+        if self._resumed and not self._check_resumed(frame):
             return
         if self._registrar is None:
             self._take_reference(frame, skipped)
@@ -550,8 +616,12 @@ class Daemon:
                 return
             pending, self._mean_frames = self._mean_frames, []
             images: list[npt.NDArray[np.generic]] = [f.image for f in pending]
+            # Registrar.from_frames's mean, kept to save it in the state directory
+            mean: npt.NDArray[np.float32] = np.asarray(
+                np.mean(np.stack(images).astype(np.float64), axis=0), dtype=np.float32
+            )
             try:
-                registrar = Registrar.from_frames(images, **self._registrar_kwargs())
+                registrar = Registrar(mean, **self._registrar_kwargs())
             except ValueError as exc:
                 logger.warning(
                     "mean of frames %d..%d unusable as reference: %s",
@@ -561,7 +631,7 @@ class Daemon:
                 )
                 return
             self._install_reference(
-                registrar, pending[-1], f"mean of {len(pending)} frames"
+                registrar, pending[-1], f"mean of {len(pending)} frames", mean
             )
             for i, f in enumerate(pending):
                 self._measure_and_send(f, skipped if i == len(pending) - 1 else 0)
@@ -572,11 +642,19 @@ class Daemon:
             logger.warning("frame %d unusable as reference: %s", frame.index, exc)
             self._set_state(DaemonState.REFERENCING)
             return
-        self._install_reference(registrar, frame, f"frame {frame.index}")
+        self._install_reference(registrar, frame, f"frame {frame.index}", frame.image)
         self._measure_and_send(frame, skipped)
 
-    def _install_reference(self, registrar: Registrar, frame: Frame, what: str) -> None:
+    def _install_reference(
+        self,
+        registrar: Registrar,
+        frame: Frame,
+        what: str,
+        image: npt.NDArray[Any] | None = None,
+    ) -> None:
         self._registrar = registrar
+        if image is not None:
+            self._save_reference(image, frame, what)
         with self._lock:
             self._reference_frame = frame.index
             self._references_taken += 1
@@ -644,6 +722,7 @@ class Daemon:
         except Exception:  # the loop guards its driver; this is a bug, not a stop
             logger.exception("frame %d: stage loop failed", frame.index)
             return
+        self._save_stage()
         if correction is not None:
             self._send(
                 CORRECTION_TOPIC,
@@ -652,6 +731,66 @@ class Daemon:
         if loop.alarm is None:
             # the loop clears its alarms silently; mirror that on the alarm topic
             self.alarms.clear_prefix("stage_")
+
+    # -- state directory (worker thread) ----------------------------------------------
+
+    def _save_reference(self, image: npt.NDArray[Any], frame: Frame, what: str) -> None:
+        # before the first shift against it is sent: what a subscriber saw
+        # measured against a reference survives a SIGKILL right after
+        if self.state_dir is None:
+            return
+        from ._state import DEFAULT_POSITION
+
+        try:
+            self.state_dir.save_reference(
+                DEFAULT_POSITION,
+                image,
+                registrar=self._registrar_kwargs(),
+                frame=frame.index,
+                what=what,
+            )
+        except OSError as exc:
+            logger.error(
+                "saving the reference to %s failed: %s", self.state_dir.path, exc
+            )
+
+    def _save_stage(self) -> None:
+        loop, state = self.stage_loop, self.state_dir
+        if loop is None or state is None:
+            return
+        from ._state import DEFAULT_POSITION
+
+        try:
+            state.save_stage(
+                loop.start_position_um,
+                {DEFAULT_POSITION: loop.reference_position_um},
+            )
+        except OSError as exc:
+            logger.error("saving the stage origin to %s failed: %s", state.path, exc)
+
+    def _check_resumed(self, frame: Frame) -> bool:
+        # a resumed reference is checked against the first frame it meets: a
+        # state of another camera size is refused, never silently used
+        self._resumed = False
+        assert self._registrar is not None
+        shape = tuple(frame.image.shape)
+        if shape == self._registrar.shape:
+            with self._lock:
+                paused = self._paused
+            if not paused:
+                self._set_state(DaemonState.MEASURING)
+            return True
+        where = self.state_dir.path if self.state_dir is not None else "the state"
+        self._fatal = (
+            f"state_dir {where}: the saved reference is "
+            f"{self._registrar.shape[0]}x{self._registrar.shape[1]} px but frame "
+            f"{frame.index} is {shape[0]}x{shape[1]} px; start with --fresh to "
+            "discard the saved state"
+        )
+        logger.error("%s", self._fatal)
+        self._registrar = None
+        self.request_stop("saved state does not fit")
+        return False
 
     def _on_stage_alarm(self, alarm: Alarm, message: str) -> None:
         # called by the loop on the worker thread (in update) when it raises one

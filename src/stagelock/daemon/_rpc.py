@@ -21,11 +21,14 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from stagelock.protocol import json_safe
+
+if TYPE_CHECKING:
+    from stagelock.security import ClientKeys, ServerKeys
 
 __all__ = [
     "CommandError",
@@ -78,6 +81,9 @@ class ControlServer:
         server thread and must be quick and thread-safe.
     context : zmq.Context, optional
         Default: the process-wide instance.
+    curve : ServerKeys, optional
+        Make the socket a CURVE server: only clients with an authorised key
+        (checked by the authenticator the caller started) get their requests in.
 
     Notes
     -----
@@ -95,10 +101,13 @@ class ControlServer:
         handlers: Mapping[str, Handler],
         *,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        curve: ServerKeys | None = None,
     ) -> None:
         ctx = context or zmq.Context.instance()
         self.handlers = dict(handlers)
         self._socket: zmq.Socket[bytes] = ctx.socket(zmq.REP)
+        if curve is not None:
+            curve.apply(self._socket)
         self._socket.setsockopt(zmq.LINGER, 0)
         try:
             self._socket.bind(endpoint)
@@ -202,6 +211,7 @@ def request(
     *,
     timeout_s: float = 2.0,
     context: zmq.Context[zmq.Socket[bytes]] | None = None,
+    keys: ClientKeys | None = None,
     **params: Any,
 ) -> dict[str, Any]:
     """Send one command to a daemon and return its reply.
@@ -216,6 +226,8 @@ def request(
         How long to wait for the reply.
     context : zmq.Context, optional
         Default: the process-wide instance.
+    keys : ClientKeys, optional
+        Talk CURVE to a daemon started with ``--keys``.
     **params
         Extra request fields.
 
@@ -233,12 +245,19 @@ def request(
     sock: zmq.Socket[bytes] = ctx.socket(zmq.REQ)
     # linger 0: an unanswered request must not keep the process alive at exit
     sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        keys.apply(sock)
     try:
         sock.connect(endpoint)
         sock.send(json.dumps({"command": command, **params}).encode())
         if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
             raise NoAnswer(
                 f"no stagelock daemon answered at {endpoint} within {timeout_s:g} s"
+                + (
+                    " (with --keys: is this client's key authorised?)"
+                    if keys is not None
+                    else ""
+                )
             )
         reply = json.loads(sock.recv().decode("utf-8"))
     finally:

@@ -5,7 +5,8 @@ with ``@``) to ``Type=notify`` services; each notification is one datagram of
 ``KEY=VALUE`` lines. ``$WATCHDOG_USEC`` (and ``$WATCHDOG_PID``) are set when the
 unit has ``WatchdogSec=``; the service must then send ``WATCHDOG=1`` more often
 than that, conventionally every half period. Outside systemd every call is a
-no-op.
+no-op. Nothing is sent after ``STOPPING=1``: systemd takes it as the last word
+(a ``STATUS=`` after it would show a running state for a stopping service).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class SystemdNotifier:
         if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
             self.watchdog_interval_s = int(usec) / 2e6
         self._sock: socket.socket | None = None
+        self._stopping = False
         self.sent: list[str] = []
         """Notifications sent successfully (the last 100), for status and tests."""
 
@@ -71,10 +73,11 @@ class SystemdNotifier:
         Returns
         -------
         bool
-            True when sent; False outside systemd or when the send failed (logged;
-            a notification is never worth crashing for).
+            True when sent; False outside systemd, after :meth:`stopping`, or
+            when the send failed (logged; a notification is never worth
+            crashing for).
         """
-        if self._address is None:
+        if self._address is None or self._stopping:
             return False
         text = "\n".join(f"{key}={value}" for key, value in fields.items())
         try:
@@ -112,8 +115,10 @@ class SystemdNotifier:
         return self.notify(STATUS=text.replace("\n", " "))
 
     def stopping(self) -> bool:
-        """``STOPPING=1``: shutdown began."""
-        return self.notify(STOPPING=1)
+        """``STOPPING=1``: shutdown began; every later notification is dropped."""
+        sent = self.notify(STOPPING=1)
+        self._stopping = True
+        return sent
 
     def close(self) -> None:
         """Close the socket; idempotent."""

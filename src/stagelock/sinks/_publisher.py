@@ -32,6 +32,8 @@ from stagelock.protocol import DEFAULT_PUBLISH_ENDPOINT, encode
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from stagelock.security import ServerKeys
+
 __all__ = ["ZmqPublisher"]
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,9 @@ class ZmqPublisher:
         Send high-water mark: messages queued per subscriber before dropping.
     context : zmq.Context, optional
         Default: the process-wide instance.
+    curve : ServerKeys, optional
+        Make the socket a CURVE server: only subscribers with an authorised key
+        (checked by the authenticator the caller started) receive anything.
 
     Raises
     ------
@@ -62,9 +67,12 @@ class ZmqPublisher:
         *,
         hwm: int = 1000,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        curve: ServerKeys | None = None,
     ) -> None:
         ctx = context or zmq.Context.instance()
         self._socket: zmq.Socket[bytes] | None = ctx.socket(zmq.PUB)
+        if curve is not None:
+            curve.apply(self._socket)
         self._socket.setsockopt(zmq.SNDHWM, int(hwm))
         self._socket.setsockopt(zmq.LINGER, 0)
         try:

@@ -93,6 +93,12 @@ class Recorder:
             self._check_header()
         # append mode: a restart adds lines, never truncates earlier data
         self._fh: TextIO | None = self.path.open("a", encoding="utf-8", newline="")
+        if _ends_mid_line(self.path):
+            # a power cut mid-line (not a kill: lines are whole writes): end the
+            # torn line, so the next record starts on a line of its own
+            logger.warning("%s ends with a torn line; appending after it", self.path)
+            self._fh.write("\n")
+            self._fh.flush()
         if self.format == "csv" and self._fh.tell() == 0:
             self._write_line(self._csv_line(self.columns))
 
@@ -155,3 +161,12 @@ class Recorder:
             os.fsync(fh.fileno())
         finally:
             fh.close()
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """Whether a non-empty file's last byte is not a newline."""
+    with path.open("rb") as fh:
+        if fh.seek(0, 2) == 0:
+            return False
+        fh.seek(-1, 2)
+        return fh.read(1) != b"\n"

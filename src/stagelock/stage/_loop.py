@@ -135,6 +135,10 @@ class Correction:
 AlarmCallback = Callable[[Alarm, str], None]
 
 
+def _xy(value: tuple[float, float] | None) -> tuple[float, float] | None:
+    return None if value is None else (float(value[0]), float(value[1]))
+
+
 class StageLoop:
     """Closed-loop drift compensation: call :meth:`update` once per measured frame.
 
@@ -165,8 +169,12 @@ class StageLoop:
     seen idle, its status is ok and its shift is within ``max_shift_px``;
     corrections are ``-gain·residual`` plus velocity feed-forward (see
     :mod:`stagelock.control._controller`), shortened to ``max_step_um`` and
-    clipped to ``travel_limit_um`` around the stage position at the first frame
-    (or the last :meth:`reset`). Moves are started and not waited for.
+    clipped to ``travel_limit_um`` around the *origin*: the stage position at
+    the first frame, kept across :meth:`reset` (a new reference) and moved only
+    by :meth:`reset_origin`, so rereferencing cannot walk the stage past the
+    limit. The drift bookkeeping is relative to the stage position at the
+    current reference (:attr:`reference_position_um`), set again after every
+    :meth:`reset`. Moves are started and not waited for.
     :meth:`update` is thread-safe with :meth:`pause`/:meth:`resume`.
     """
 
@@ -196,7 +204,8 @@ class StageLoop:
         self._lock = threading.RLock()
         self._period = RateTracker()
         self._delay = RateTracker()
-        self._start: tuple[float, float] | None = None
+        self._start: tuple[float, float] | None = None  # the travel-limit origin
+        self._ref_pos: tuple[float, float] | None = None  # stage at the reference
         self._pending = False
         self._issue_time = -math.inf
         self._issue_frame_time = -math.inf
@@ -227,8 +236,13 @@ class StageLoop:
 
     @property
     def start_position_um(self) -> tuple[float, float] | None:
-        """Centre of the travel limit (None before the first frame)."""
+        """Centre of the travel limit, the origin (None before the first frame)."""
         return self._start
+
+    @property
+    def reference_position_um(self) -> tuple[float, float] | None:
+        """Stage position at the current reference (None before its first frame)."""
+        return self._ref_pos
 
     @property
     def velocity_px_s(self) -> tuple[float, float] | None:
@@ -253,9 +267,39 @@ class StageLoop:
                 self._clear_alarm()
 
     def reset(self) -> None:
-        """Forget the start position and drift history (call after a new reference)."""
+        """Forget the reference position and drift history (after a new reference).
+
+        The travel-limit origin stays: see :meth:`reset_origin`.
+        """
+        with self._lock:
+            self._ref_pos = None
+            self._velocity.reset()
+            self._last_move_frame_time = None
+
+    def reset_origin(self) -> None:
+        """Centre the travel limit on the stage position at the next frame."""
         with self._lock:
             self._start = None
+            self.travelled_um = 0.0
+
+    def restore(
+        self,
+        origin_um: tuple[float, float] | None,
+        reference_position_um: tuple[float, float] | None,
+    ) -> None:
+        """Continue from a saved origin and reference position (a restart).
+
+        Parameters
+        ----------
+        origin_um : (x, y) or None
+            Centre of the travel limit; None = the next frame's position.
+        reference_position_um : (x, y) or None
+            Stage position at the reference the daemon resumes with; None = the
+            next frame's position.
+        """
+        with self._lock:
+            self._start = _xy(origin_um)
+            self._ref_pos = _xy(reference_position_um)
             self._velocity.reset()
             self._last_move_frame_time = None
 
@@ -269,6 +313,7 @@ class StageLoop:
                 "alarm_message": self.alarm_message,
                 "corrections": self.n_corrections,
                 "start_um": None if self._start is None else list(self._start),
+                "reference_um": None if self._ref_pos is None else list(self._ref_pos),
                 "velocity_px_s": None if v is None else list(v),
                 "max_travel_um": self.travelled_um,
             }
@@ -316,8 +361,12 @@ class StageLoop:
     ) -> Correction | None:
         s = self.settings
         now = self.clock()
-        if self._start is None:
-            self._start = self.driver.get_position_um()
+        if self._start is None or self._ref_pos is None:
+            here = self.driver.get_position_um()
+            if self._start is None:
+                self._start = here
+            if self._ref_pos is None:
+                self._ref_pos = here
         if self._pending:
             if self.driver.is_busy():
                 return None
@@ -354,8 +403,8 @@ class StageLoop:
         # the stage is idle and the frame shows its settled position: the drift
         # itself is the residual minus the image shift of the stage's travel
         pos = self.driver.get_position_um()
-        start = self._start
-        stage_px = self.calibration.um_to_px(pos[0] - start[0], pos[1] - start[1])
+        start, ref = self._start, self._ref_pos
+        stage_px = self.calibration.um_to_px(pos[0] - ref[0], pos[1] - ref[1])
         self._velocity.add(
             frame_time_s, residual[0] - stage_px[0], residual[1] - stage_px[1]
         )

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
     from rich.console import Console, RenderableType
 
+    from stagelock.security import ClientKeys
+
 __all__ = [
     "DEFAULT_ENDPOINT",
     "MonitorRow",
@@ -583,7 +585,9 @@ def render(
     return Group(table, *notes) if notes else table
 
 
-def _connect(endpoints: Sequence[str]) -> tuple[Any, dict[Any, str]]:
+def _connect(
+    endpoints: Sequence[str], keys: ClientKeys | None = None
+) -> tuple[Any, dict[Any, str]]:
     """One SUB socket per endpoint, so each message's origin is known."""
     import zmq
 
@@ -597,6 +601,8 @@ def _connect(endpoints: Sequence[str]) -> tuple[Any, dict[Any, str]]:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         sock.setsockopt(zmq.RCVHWM, 10_000)
         sock.setsockopt(zmq.SUBSCRIBE, TOPIC_PREFIX.encode("ascii"))
+        if keys is not None:
+            keys.apply(sock)  # CURVE client of a daemon started with --keys
         sock.connect(endpoint)
         sockets[sock] = endpoint
     return context, sockets
@@ -605,6 +611,7 @@ def _connect(endpoints: Sequence[str]) -> tuple[Any, dict[Any, str]]:
 def run_monitor(
     endpoints: Sequence[str],
     *,
+    keys: ClientKeys | None = None,
     json_output: bool = False,
     duration_s: float | None = None,
     silent_after_s: float = 3.0,
@@ -620,6 +627,9 @@ def run_monitor(
     ----------
     endpoints : sequence of str
         ZeroMQ endpoints to connect to (checked with :func:`parse_endpoint`).
+    keys : ClientKeys, optional
+        CURVE keys (:func:`stagelock.security.load_client_keys`) for daemons
+        started with ``--keys``.
     json_output : bool
         Print each message as one JSON object per line (with a ``topic`` field
         added) to ``stream`` instead of the live table.
@@ -654,7 +664,7 @@ def run_monitor(
     checked = [parse_endpoint(e) for e in endpoints] or [DEFAULT_ENDPOINT]
     out = sys.stdout if stream is None else stream
     state = MonitorState() if state is None else state
-    context, sockets = _connect(checked)
+    context, sockets = _connect(checked, keys)
     poller = zmq.Poller()
     for sock in sockets:
         poller.register(sock, zmq.POLLIN)
