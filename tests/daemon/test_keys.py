@@ -6,7 +6,6 @@ import json
 import os
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,7 @@ import pytest
 import tifffile
 import zmq
 
+from helpers import DaemonProcess, cli, free_endpoint, recv
 from stagelock.config import Config
 from stagelock.daemon import NoAnswer, request
 from stagelock.security import (
@@ -27,12 +27,6 @@ from stagelock.security import (
     load_server_keys,
 )
 from stagelock.sim import drifting_stack
-
-try:  # tests/ is not a package: both import styles keep working
-    from .._zmq_helpers import DaemonProcess, cli, free_endpoint, recv
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from _zmq_helpers import DaemonProcess, cli, free_endpoint, recv
 
 if TYPE_CHECKING:
     from stagelock.security import ClientKeys

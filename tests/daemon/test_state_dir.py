@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,14 +13,9 @@ import numpy as np
 import pytest
 import tifffile
 
+from helpers import DaemonProcess, cli
 from stagelock.daemon._state import DEFAULT_POSITION, StateDir, StateError
 from stagelock.sim import drifting_stack
-
-try:  # tests/ is not a package: both import styles keep working
-    from .._zmq_helpers import DaemonProcess, cli
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from _zmq_helpers import DaemonProcess, cli
 
 if TYPE_CHECKING:
     import zmq
