@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -168,8 +169,12 @@ def register_file(
             f"--channel {channel} is out of range: {input_path.name} has "
             f"{reader.n_channels} channel(s) (axes {reader.axes})"
         )
-    if output is not None and output.resolve() == input_path.resolve():
+    if output is not None and _same_file(output, input_path):
         raise ValueError("the output file must differ from the input file")
+    if shifts_csv is not None and _same_file(shifts_csv, input_path):
+        raise ValueError("the shifts CSV must differ from the input file")
+    if output is not None and shifts_csv is not None and _same_file(output, shifts_csv):
+        raise ValueError("the output file and the shifts CSV must differ")
     options: dict[str, Any] = {"max_shift_px": max_shift_px, "roi": roi}
     n_total = reader.n_frames + (reader.n_frames * reader.n_channels if output else 0)
     shifts = np.full((reader.n_frames, 2), np.nan)
@@ -205,6 +210,16 @@ def register_file(
         if output is not None:
             _write_aligned(reader, shifts, output, lambda: bar.advance(task))
     return shifts
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Tell whether two paths name one file (through ``..``, symlinks, hard links)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 class _Reiterable:

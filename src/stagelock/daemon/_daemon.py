@@ -161,6 +161,9 @@ class Daemon:
         self._mean_frames: list[Frame] = []
         self._bad_run = 0
         self._ready_sent = False
+        self._failed_sinks: set[int] = set()
+        self.exit_code = 0
+        """What :meth:`run` returns: 0, or 1 when a sink (the record) failed."""
 
     # -- public control ---------------------------------------------------------------
 
@@ -305,7 +308,10 @@ class Daemon:
         return self._stop.wait(timeout_s)
 
     def run(self) -> int:
-        """Start, wait for a stop request or a limit, shut down; returns 0.
+        """Start, wait for a stop request or a limit, shut down; return the exit code.
+
+        0, or 1 when a sink failed during the run (e.g. the record hit a full
+        disk), 2 when the configuration proved unusable on the first frame.
 
         ``config.duration_s`` ends the run by itself; ``config.frames`` is
         checked by the worker.
@@ -325,7 +331,7 @@ class Daemon:
                 self._stop.wait(0.5 if remaining is None else min(remaining, 0.5))
         finally:
             self.shutdown()
-        return 0
+        return self.exit_code
 
     def shutdown(self, timeout_s: float = 1.5) -> None:
         """Shut down (the one path): finish the frame in hand, flush, close.
@@ -601,8 +607,29 @@ class Daemon:
         for sink in self.sinks:
             try:
                 sink.publish(topic, message)
-            except Exception:
-                logger.exception("sink %r failed on %s", sink, topic)
+            except Exception as exc:
+                self._sink_failed(sink, topic, exc)
+
+    def _sink_failed(self, sink: ShiftSink, topic: str, exc: Exception) -> None:
+        """Report a sink's failure once (one line, an alarm), not per message."""
+        key = id(sink)
+        if key in self._failed_sinks:
+            logger.debug("sink %r failed again on %s: %s", sink, topic, exc)
+            return
+        self._failed_sinks.add(key)
+        self.exit_code = 1
+        alarm = getattr(sink, "failure_alarm", "sink_failed")
+        where = getattr(sink, "path", None) or sink
+        if isinstance(exc, OSError):
+            # the alarm's own log line is the one line about it
+            text = (
+                f"cannot write {where}: {exc.strerror or exc}; recording stopped "
+                "(measuring goes on)"
+            )
+        else:
+            text = f"{where} failed on {topic}: {exc}"
+            logger.exception("sink %r failed on %s", sink, topic)
+        self.alarms.set(alarm, text)
 
     def _track_quality(self, frame: Frame, est: ShiftEstimate) -> None:
         good = est.status is Status.OK
