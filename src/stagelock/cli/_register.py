@@ -29,7 +29,7 @@ def parse_roi(text: str) -> tuple[int, int, int, int]:
     x, y, w, h = values
     if x < 0 or y < 0 or w <= 0 or h <= 0:
         raise argparse.ArgumentTypeError(
-            f"--roi X,Y must be >= 0 and W,H > 0 (pixels inside the frame); got {text!r}"
+            f"--roi X,Y must be >= 0 and W,H > 0 (pixels in the frame); got {text!r}"
         )
     return x, y, w, h
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from stagelock._pixels import finite_pixels
 from stagelock.protocol import (
     CORRECTION_TOPIC,
     SHIFT_SCHEMA,
@@ -158,6 +159,7 @@ class Daemon:
 
         # worker-only state
         self._registrar: Registrar | None = None
+        self._reference_shape: tuple[int, ...] | None = None
         self._mean_frames: list[Frame] = []
         self._bad_run = 0
         self._ready_sent = False
@@ -298,6 +300,9 @@ class Daemon:
             self._publish_endpoint or "(none)",
             self.control.endpoint if self.control else "(none)",
         )
+        if hasattr(self.source, "wait_for_consumer"):
+            # a folder's backlog waits for the worker instead of being skipped
+            self.source.wait_for_consumer = self._wait_for_worker
         self.source.start(self._on_frame)
         if not self.source.frames_at_start:
             # a watched folder may stay empty for hours: it is ready once watching
@@ -393,6 +398,10 @@ class Daemon:
             self._last_arrival = time.monotonic()
         self._slot.put(frame)
 
+    def _wait_for_worker(self) -> None:
+        while not self._stop.is_set() and not self._slot.wait_taken(0.5):
+            pass
+
     # -- worker thread ----------------------------------------------------------------
 
     def _work(self) -> None:
@@ -420,6 +429,7 @@ class Daemon:
                             self._frames_failed += 1
                 now = time.monotonic()
                 self._check_stall(now)
+                self._check_control()
                 if now >= next_heartbeat:
                     next_heartbeat = now + heartbeat_s
                     self._heartbeat()
@@ -435,6 +445,10 @@ class Daemon:
 
     def _handle(self, frame: Frame, skipped: int) -> None:
         self._send_ready()
+        clean = finite_pixels(frame.image)
+        if clean is not frame.image:
+            # a NaN/inf pixel would make the whole frame look blank
+            frame = dataclasses.replace(frame, image=clean)
         with self._lock:
             paused = self._paused
             rereference, self._rereference = self._rereference, False
@@ -462,8 +476,25 @@ class Daemon:
             "min_confidence": reg.min_confidence,
         }
 
+    def _roi_outside(self, frame: Frame) -> bool:
+        """Stop the run (exit 2) when ``registration.roi`` misses the frames."""
+        roi = self.config.registration.roi
+        height, width = frame.image.shape[:2]
+        if roi is None or (roi[0] + roi[2] <= width and roi[1] + roi[3] <= height):
+            return False
+        text = (
+            f"registration.roi {list(roi)} lies outside the {width}×{height} px "
+            "frames; choose x + w <= width and y + h <= height"
+        )
+        self.exit_code = 2
+        self.alarms.set("config_error", text)
+        self.request_stop(text)
+        return True
+
     def _take_reference(self, frame: Frame, skipped: int) -> None:
         reg = self.config.registration
+        if self._roi_outside(frame):
+            return
         if reg.reference == "mean":
             self._mean_frames.append(
                 dataclasses.replace(frame, image=np.array(frame.image, copy=True))
@@ -500,6 +531,7 @@ class Daemon:
 
     def _install_reference(self, registrar: Registrar, frame: Frame, what: str) -> None:
         self._registrar = registrar
+        self._reference_shape = tuple(frame.image.shape)
         with self._lock:
             self._reference_frame = frame.index
             self._references_taken += 1
@@ -518,6 +550,8 @@ class Daemon:
 
     def _measure_and_send(self, frame: Frame, skipped: int) -> None:
         assert self._registrar is not None
+        if not self._right_size(frame, skipped):
+            return
         try:
             est = self._registrar.measure(frame.image)
         except ValueError as exc:
@@ -545,6 +579,33 @@ class Daemon:
             self._log_progress(n, frame, est)
         if self.config.frames is not None and n >= self.config.frames:
             self.request_stop(f"measured {n} frames")
+
+    def _right_size(self, frame: Frame, skipped: int) -> bool:
+        """Check the frame against the reference's size; alarm and publish if not.
+
+        A frame of another size (binning or ROI changed mid-run) cannot be
+        compared with the reference: it is counted as failed, published with
+        status ``wrong_size`` and raises the ``frame_size_changed`` alarm until
+        frames of the reference's size come back (or a new reference is taken).
+        """
+        shape, ref = tuple(frame.image.shape), self._reference_shape
+        if ref is None or shape == ref:
+            self.alarms.set("frame_size_changed", None)
+            return True
+        with self._lock:
+            self._frames_failed += 1
+        self.alarms.set(
+            "frame_size_changed",
+            f"frames are {shape[-1]}×{shape[0]} px, the reference "
+            f"{ref[-1]}×{ref[0]} px: not measured ('stagelock ctl rereference' "
+            "takes a new reference)",
+        )
+        message = self._shift_message(
+            frame, ShiftEstimate.failed(Status.NO_PEAK), skipped
+        )
+        message["status"] = "wrong_size"
+        self._send(SHIFT_TOPIC, message)
+        return False
 
     def _log_progress(self, n: int, frame: Frame, est: ShiftEstimate) -> None:
         st = self.status()
@@ -656,6 +717,17 @@ class Daemon:
                 f"{self._bad_run} frames in a row without a trustworthy shift "
                 f"(last: {est.status.value})",
             )
+
+    def _check_control(self) -> None:
+        """Watchdog on the control thread: its death is an alarm, not silence."""
+        control = self.control
+        if control is None or control.alive or self._stop.is_set():
+            return
+        self.alarms.set(
+            "control_lost",
+            f"the control socket {control.endpoint} stopped serving; stop the "
+            "daemon with SIGTERM",
+        )
 
     def _check_stall(self, now: float) -> None:
         with self._lock:
