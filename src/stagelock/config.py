@@ -69,7 +69,10 @@ Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 """A finite number; a string such as ``"0.5"`` is an error, not a number."""
 Bool = Annotated[bool, Field(strict=True)]
 """``true`` or ``false``; ``"yes"`` or ``1`` is an error."""
-PositiveFloat = Annotated[float, Field(gt=0)]
+Int = Annotated[int, Field(strict=True)]
+"""An integer; ``"5"`` or ``5.0`` is an error."""
+PositiveFloat = Annotated[Number, Field(gt=0)]
+"""A finite number > 0 (``inf`` and ``nan`` are errors)."""
 Endpoint = Annotated[str, Field(pattern=r"^(tcp|ipc|inproc)://.+")]
 
 
@@ -97,7 +100,7 @@ class FolderSourceConfig(_Section):
     """Directory to watch (required when ``source.kind = "folder"``)."""
     pattern: str = Field(default="*.tif*", min_length=1)
     """Glob of the files to read."""
-    from_start: bool = False
+    from_start: Bool = False
     """Also process files already present when the daemon starts."""
     poll_interval_s: PositiveFloat = 0.05
     """How often a file's size is checked while it is being written."""
@@ -120,11 +123,11 @@ class MicroManagerSourceConfig(_Section):
     """System configuration; none = the demo config of ``mm-test-adapters``."""
     camera: str | None = None
     """Camera device label; default the core's current camera."""
-    interval_ms: Annotated[float, Field(ge=0)] = 0.0
+    interval_ms: Annotated[Number, Field(ge=0)] = 0.0
     """Time between frames (0 = as fast as the camera runs)."""
     mda_file: Path | None = None
     """A useq-schema MDA sequence (YAML/JSON) to run instead of live acquisition."""
-    observe: bool = False
+    observe: Bool = False
     """Observe an acquisition someone else runs (never pops frames)."""
     lock_channel: str | None = None
     """MDA channel measured at every position; default the sequence's first."""
@@ -203,7 +206,7 @@ class SimulationSettings(_Section):
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    shape_px: tuple[Annotated[int, Field(ge=16)], Annotated[int, Field(ge=16)]] = (
+    shape_px: tuple[Annotated[Int, Field(ge=16)], Annotated[Int, Field(ge=16)]] = (
         512,
         512,
     )
@@ -223,8 +226,8 @@ class SimulationSettings(_Section):
     backlash_um: Annotated[Number, Field(ge=0)] = 0.0
     travel_range_um: tuple[Number, Number, Number, Number] | None = None
     """Stage limits ``[xmin, xmax, ymin, ymax]``; none = unlimited."""
-    seed: Annotated[int, Field(strict=True)] = 0
-    world_pad_px: Annotated[int, Field(strict=True, ge=64)] | None = None
+    seed: Annotated[Int, Field(strict=True)] = 0
+    world_pad_px: Annotated[Int, Field(ge=64)] | None = None
 
     @model_validator(mode="after")
     def _ordered_travel_range(self) -> SimulationSettings:
@@ -269,7 +272,7 @@ class SimulationConfig(SimulationSettings):
     :class:`SimulationSettings` plus the acquisition's ``frame_interval_ms``.
     """
 
-    frame_interval_ms: Annotated[float, Field(ge=0)] = 100.0
+    frame_interval_ms: Annotated[Number, Field(ge=0)] = 100.0
     """Time between frames (0 = as fast as the simulated camera runs)."""
 
     def microscope_settings(self) -> SimulationSettings:
@@ -288,23 +291,23 @@ class RegistrationConfig(_Section):
     """``[registration]``: how shifts are measured (see :class:`Registrar`)."""
 
     max_shift_px: PositiveFloat = 50.0
-    n_regions: Annotated[int, Field(ge=1, le=64)] = 9
-    region_size_px: Annotated[int, Field(ge=8)] | None = None
+    n_regions: Annotated[Int, Field(ge=1, le=64)] = 9
+    region_size_px: Annotated[Int, Field(ge=8)] | None = None
     roi: (
         tuple[
-            Annotated[int, Field(ge=0)],
-            Annotated[int, Field(ge=0)],
-            Annotated[int, Field(ge=8)],
-            Annotated[int, Field(ge=8)],
+            Annotated[Int, Field(ge=0)],
+            Annotated[Int, Field(ge=0)],
+            Annotated[Int, Field(ge=8)],
+            Annotated[Int, Field(ge=8)],
         ]
         | None
     ) = None
     """Rectangle ``[x, y, w, h]`` of the reference to cut templates from."""
     reference: Literal["first", "mean", "keyframe"] = "first"
     """First good frame, mean of the first ``n_mean`` frames, or key frames."""
-    n_mean: Annotated[int, Field(ge=1, le=1000)] = 5
-    min_confidence: Annotated[float, Field(ge=0, le=1)] = 0.25
-    alarm_after_bad_frames: Annotated[int, Field(ge=1)] = 10
+    n_mean: Annotated[Int, Field(ge=1, le=1000)] = 5
+    min_confidence: Annotated[Number, Field(ge=0, le=1)] = 0.25
+    alarm_after_bad_frames: Annotated[Int, Field(ge=1)] = 10
     """Consecutive frames without a trustworthy shift that raise an alarm."""
 
 
@@ -312,7 +315,7 @@ class PublishConfig(_Section):
     """``[publish]``: the ZeroMQ PUB socket."""
 
     endpoint: Endpoint = DEFAULT_PUBLISH_ENDPOINT
-    hwm: Annotated[int, Field(ge=1)] = 1000
+    hwm: Annotated[Int, Field(ge=1)] = 1000
     heartbeat_s: PositiveFloat = 1.0
     """Period of ``stagelock.status`` messages."""
 
@@ -345,7 +348,7 @@ class SecurityConfig(_Section):
 class LogConfig(_Section):
     """``[log]``: the daemon's log lines."""
 
-    every_n_frames: Annotated[int, Field(ge=0)] = 100
+    every_n_frames: Annotated[Int, Field(ge=0)] = 100
     """One summary line per N measured frames (0 = none)."""
 
 
@@ -377,14 +380,14 @@ class CalibrationSettings(_Section):
         Maximum wait for one move.
     """
 
-    step_um: float | None = Field(default=None, gt=0)
-    target_shift_px: float = Field(default=15.0, gt=0)
+    step_um: Number | None = Field(default=None, gt=0)
+    target_shift_px: Number = Field(default=15.0, gt=0)
     pattern: Literal["cross", "grid"] = "cross"
-    approach_um: float | None = Field(default=None, ge=0)
-    settle_s: float = Field(default=0.05, ge=0)
-    max_residual_px: float = Field(default=0.5, gt=0)
-    max_anisotropy: float = Field(default=0.1, ge=0)
-    move_timeout_s: float = Field(default=10.0, gt=0)
+    approach_um: Number | None = Field(default=None, ge=0)
+    settle_s: Number = Field(default=0.05, ge=0)
+    max_residual_px: Number = Field(default=0.5, gt=0)
+    max_anisotropy: Number = Field(default=0.1, ge=0)
+    move_timeout_s: Number = Field(default=10.0, gt=0)
 
 
 class StageSettings(_Section):
@@ -435,22 +438,22 @@ class StageSettings(_Section):
         How ``stagelock calibrate`` runs.
     """
 
-    feedback: bool = False
+    feedback: Bool = False
     device: str | None = None
     calibration_file: Path | None = None
-    auto_calibrate: bool = False
-    gain: float = Field(default=0.7, gt=0, le=1)
-    dead_band_px: float = Field(default=0.1, ge=0)
-    max_step_um: float = Field(default=5.0, gt=0)
-    min_interval_s: float = Field(default=0.0, ge=0)
-    settle_s: float = Field(default=0.02, ge=0)
-    max_shift_px: float = Field(default=20.0, gt=0)
-    travel_limit_um: float = Field(default=100.0, gt=0)
-    feed_forward: bool = True
-    velocity_window_s: float = Field(default=8.0, gt=0)
-    velocity_min_points: int = Field(default=6, ge=3)
-    jump_px: float = Field(default=2.0, gt=0)
-    max_velocity_px_s: float = Field(default=5.0, gt=0)
+    auto_calibrate: Bool = False
+    gain: Number = Field(default=0.7, gt=0, le=1)
+    dead_band_px: Number = Field(default=0.1, ge=0)
+    max_step_um: Number = Field(default=5.0, gt=0)
+    min_interval_s: Number = Field(default=0.0, ge=0)
+    settle_s: Number = Field(default=0.02, ge=0)
+    max_shift_px: Number = Field(default=20.0, gt=0)
+    travel_limit_um: Number = Field(default=100.0, gt=0)
+    feed_forward: Bool = True
+    velocity_window_s: Number = Field(default=8.0, gt=0)
+    velocity_min_points: Int = Field(default=6, ge=3)
+    jump_px: Number = Field(default=2.0, gt=0)
+    max_velocity_px_s: Number = Field(default=5.0, gt=0)
     calibration: CalibrationSettings = CalibrationSettings()
 
 
@@ -476,7 +479,7 @@ class Config(_Section):
     state_dir: Path | None = None
     """Directory keeping the reference(s), calibration and stage origin across
     restarts (systemd: ``StateDirectory=stagelock``); none = nothing is kept."""
-    frames: Annotated[int, Field(ge=1)] | None = None
+    frames: Annotated[Int, Field(ge=1)] | None = None
     """Stop by itself after this many measured frames."""
     duration_s: PositiveFloat | None = None
     """Stop by itself after this many seconds."""
@@ -488,6 +491,21 @@ class Config(_Section):
             raise ValueError(
                 f"pixel_size_um ({top}) and camera.pixel_size_um ({cam}) disagree; "
                 "set one of them"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _two_endpoints(self) -> Config:
+        pub, ctl = self.publish.endpoint, self.control.endpoint
+        same = pub == ctl and not pub.endswith((":*", ":0"))
+        a, b = _tcp_address(pub), _tcp_address(ctl)
+        if a is not None and b is not None and a[1] == b[1] not in ("*", "0"):
+            wild = {"*", "0.0.0.0"}  # noqa: S104 - compared, not bound
+            same |= a[0] == b[0] or a[0] in wild or b[0] in wild
+        if same:
+            raise ValueError(
+                f"publish.endpoint ({pub}) and control.endpoint ({ctl}) use the "
+                "same port; give them different ports"
             )
         return self
 
@@ -575,6 +593,14 @@ class Config(_Section):
         return validate_config(doc)
 
 
+def _tcp_address(endpoint: str) -> tuple[str, str] | None:
+    """``tcp://host:port`` → ``(host, port)``; None for other transports."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    host, _, port = endpoint[len("tcp://") :].rpartition(":")
+    return (host.strip("[]"), port) if host else None
+
+
 def format_validation_error(exc: ValidationError) -> str:
     """One line per problem, ``key.path: reason``, joined with ``; ``."""
     parts = []
@@ -628,6 +654,12 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: no such configuration file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{path}: not a TOML configuration (not UTF-8 text)"
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a configuration file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     try:

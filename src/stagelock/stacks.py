@@ -8,14 +8,18 @@ Errors in the input are :class:`ValueError` with one line naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+
+from stagelock._pixels import finite_pixels
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -55,10 +59,11 @@ class StackReader:
         if path.is_dir():
             raise ValueError(f"{path} is a directory, not a TIFF stack")
         try:
-            with tifffile.TiffFile(path) as tif:
+            with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
                 series = tif.series[0]
                 axes, shape = series.axes.upper(), tuple(series.shape)
                 dtype = np.dtype(series.dtype)
+                n_pages = len(tif.pages)
         except (
             tifffile.TiffFileError,
             ValueError,
@@ -67,6 +72,8 @@ class StackReader:
             KeyError,
         ) as exc:
             raise ValueError(f"cannot read {path} as TIFF: {exc}") from None
+        if 0 in shape or n_pages == 0:
+            raise ValueError(f"{path} holds no frames (an empty stack)")
         if axes.endswith("S") and shape[-1] in (3, 4):
             raise ValueError(
                 f"{path} holds RGB images; convert to grey-level planes first"
@@ -79,6 +86,13 @@ class StackReader:
         c_axis = axes.index("C") if "C" in axes[:-2] else None
         n_channels = shape[c_axis] if c_axis is not None else 1
         n_frames = int(np.prod(outer, dtype=np.int64)) // n_channels if outer else 1
+        n_planes = int(np.prod(outer, dtype=np.int64)) if outer else 1
+        if n_pages < n_planes and n_pages == 1 and n_planes > 1:
+            # a stack whose later pages were cut off: tifffile sees one page
+            raise ValueError(
+                f"{path} is truncated: it declares {n_planes} planes but holds "
+                f"{n_pages} readable page(s)"
+            )
         return cls(
             path,
             n_frames,
@@ -106,7 +120,7 @@ class StackReader:
         """Yield the planes of one channel in time order, reading page by page."""
         import tifffile
 
-        with tifffile.TiffFile(self.path) as tif:
+        with _quiet_tifffile(), tifffile.TiffFile(self.path) as tif:
             series = tif.series[0]
             for t in range(self.n_frames):
                 yield _read_plane(series, self.page_index(t, channel), self.path)
@@ -116,7 +130,7 @@ class StackReader:
         import tifffile
 
         outer = list(self.shape[:-2])
-        with tifffile.TiffFile(self.path) as tif:
+        with _quiet_tifffile(), tifffile.TiffFile(self.path) as tif:
             series = tif.series[0]
             total = int(np.prod(outer, dtype=np.int64)) if outer else 1
             for i in range(total):
@@ -128,6 +142,18 @@ class StackReader:
                     others = [n for k, n in enumerate(outer) if k != self.channel_axis]
                     t = int(np.ravel_multi_index(idx, others)) if others else 0
                 yield t, _read_plane(series, i, self.path)
+
+
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """Silence tifffile's own log lines: damage becomes one ValueError of ours."""
+    tlog = logging.getLogger("tifffile")
+    level = tlog.level
+    tlog.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        tlog.setLevel(level)
 
 
 def _read_plane(series: Any, index: int, path: Path) -> npt.NDArray[Any]:
@@ -168,8 +194,12 @@ def register_file(
             f"--channel {channel} is out of range: {input_path.name} has "
             f"{reader.n_channels} channel(s) (axes {reader.axes})"
         )
-    if output is not None and output.resolve() == input_path.resolve():
+    if output is not None and _same_file(output, input_path):
         raise ValueError("the output file must differ from the input file")
+    if shifts_csv is not None and _same_file(shifts_csv, input_path):
+        raise ValueError("the shifts CSV must differ from the input file")
+    if output is not None and shifts_csv is not None and _same_file(output, shifts_csv):
+        raise ValueError("the output file and the shifts CSV must differ")
     options: dict[str, Any] = {"max_shift_px": max_shift_px, "roi": roi}
     n_total = reader.n_frames + (reader.n_frames * reader.n_channels if output else 0)
     shifts = np.full((reader.n_frames, 2), np.nan)
@@ -180,7 +210,7 @@ def register_file(
             writer = csv.writer(handle) if handle else None
             if writer:
                 writer.writerow(CSV_COLUMNS)
-            frames: Any = reader.frames(channel)
+            frames: Any = map(finite_pixels, reader.frames(channel))
             if reference == "mean":
                 frames = _Reiterable(reader, channel)
             for t, est in enumerate(
@@ -207,6 +237,16 @@ def register_file(
     return shifts
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Tell whether two paths name one file (through ``..``, symlinks, hard links)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 class _Reiterable:
     """A stack's channel that can be iterated several times (``reference="mean"``)."""
 
@@ -214,11 +254,32 @@ class _Reiterable:
         self._reader, self._channel = reader, channel
 
     def __iter__(self) -> Iterator[npt.NDArray[Any]]:
-        return self._reader.frames(self._channel)
+        return map(finite_pixels, self._reader.frames(self._channel))
 
 
 def _fmt(value: float) -> str:
     return "nan" if not math.isfinite(value) else f"{value:.4f}"
+
+
+def _aligned(
+    plane: npt.NDArray[Any],
+    dx: float,
+    dy: float,
+    shift_image: Callable[..., npt.NDArray[Any]],
+) -> npt.NDArray[Any]:
+    """Shift one plane by ``(-dx, -dy)`` without inventing values.
+
+    The pixels shifted in from outside get the plane's median (not 0, which
+    may lie far outside the data, e.g. for int32 or signed float data), and
+    Lanczos ringing is clipped to the plane's own range.
+    """
+    finite = plane[np.isfinite(plane)] if plane.dtype.kind == "f" else plane
+    if finite.size == 0:
+        return plane
+    lo, hi = finite.min(), finite.max()
+    out = shift_image(plane, -dx, -dy, fill=float(np.median(finite)))
+    clipped: npt.NDArray[Any] = np.clip(out, lo, hi).astype(plane.dtype, copy=False)
+    return clipped
 
 
 def _write_aligned(
@@ -241,7 +302,7 @@ def _write_aligned(
             dx, dy = shifts[t]
             tick()
             # unmeasurable frames are kept as they are rather than dropped
-            yield shift_image(plane, -dx, -dy) if np.isfinite(dx) else plane
+            yield _aligned(plane, dx, dy, shift_image) if np.isfinite(dx) else plane
 
     tmp = output.with_name(output.name + ".partial")
     try:

@@ -136,12 +136,12 @@ def _load(args: argparse.Namespace) -> Any:
             config = Config.quickstart()  # the simulated microscope, loop closed
         else:
             config = Config()
+        # precedence: flag, then environment, then file (None = not given)
         env = {key: os.environ.get(var) or None for var, key in ENV_OVERRIDES.items()}
         flags: dict[str, Any] = {
-            **env,
-            "publish__endpoint": args.publish,
-            "control__endpoint": args.control,
-            "record__path": args.record,
+            "publish__endpoint": args.publish or env["publish__endpoint"],
+            "control__endpoint": args.control or env["control__endpoint"],
+            "record__path": args.record or env["record__path"],
             "pixel_size_um": args.pixel_size,
             "frames": args.frames,
             "duration_s": args.duration,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +27,81 @@ def parse_roi(text: str) -> tuple[int, int, int, int]:
             f"--roi must be X,Y,W,H (4 integers); got {text!r}"
         )
     x, y, w, h = values
+    if x < 0 or y < 0 or w <= 0 or h <= 0:
+        raise argparse.ArgumentTypeError(
+            f"--roi X,Y must be >= 0 and W,H > 0 (pixels in the frame); got {text!r}"
+        )
     return x, y, w, h
+
+
+def _finite_positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text!r}")
+    return value
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Tell whether two paths name one file (through ``..``, symlinks, hard links)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """Fail now, before any work, if ``path`` cannot be created as a file."""
+    if path.is_dir():
+        raise CliError(f"{what} {path} is a directory; give a file name")
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise CliError(f"{what} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CliError(f"{what} {path}: directory {parent} is not writable")
+
+
+def _check_outputs(input_path: Path, output: Path | None, shifts_csv: Path) -> None:
+    """Refuse outputs that would destroy the input or each other, or cannot be made."""
+    named = [("--shifts", shifts_csv)] + ([("-o", output)] if output else [])
+    for flag, path in named:
+        if _same_file(path, input_path):
+            raise CliError(
+                f"{flag} {path} is the input file; it would be overwritten "
+                "(choose another name)"
+            )
+    if output is not None and _same_file(output, shifts_csv):
+        raise CliError(
+            f"-o {output} and --shifts {shifts_csv} name the same file; "
+            "one would replace the other"
+        )
+    for flag, path in named:
+        _check_writable(path, flag)
 
 
 def _run(args: argparse.Namespace) -> int:
     from stagelock.stacks import register_file
 
     input_path = Path(args.input)
-    if args.example:
-        input_path = _make_example(Path(args.input))
+    output = Path(args.output) if args.output else None
     shifts_csv = (
         Path(args.shifts) if args.shifts else input_path.with_suffix(".shifts.csv")
     )
+    if args.example:
+        _check_example_target(input_path)
+    elif not input_path.exists():
+        raise CliError(f"no such file: {input_path}")
+    _check_outputs(input_path, output, shifts_csv)
+    if args.example:
+        input_path = _make_example(input_path)
     try:
         shifts = register_file(
             input_path,
-            output=Path(args.output) if args.output else None,
+            output=output,
             shifts_csv=shifts_csv,
             roi=args.roi,
             reference=args.reference,
@@ -62,6 +123,19 @@ def _run(args: argparse.Namespace) -> int:
     if args.output:
         print(f"aligned stack: {args.output}")
     return 0 if ok.any() else 1
+
+
+def _check_example_target(path: Path) -> None:
+    """Refuse to write the example over anything that exists."""
+    truth = path.with_suffix(".truth.csv")
+    for target in (path, truth):
+        if target.exists() or target.is_symlink():
+            raise CliError(
+                f"--example: {target} already exists; it is not overwritten "
+                "(remove it or give another INPUT)"
+            )
+    # the example is the one case where a missing directory is created
+    path.resolve().parent.mkdir(parents=True, exist_ok=True)
 
 
 def _make_example(path: Path) -> Path:
@@ -114,7 +188,10 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--channel", type=int, default=0, help="channel to register on (T×C×Y×X)"
     )
     p.add_argument(
-        "--max-shift-px", type=float, default=50.0, help="capture range (px)"
+        "--max-shift-px",
+        type=_finite_positive,
+        default=50.0,
+        help="capture range (px)",
     )
     p.add_argument(
         "--example",

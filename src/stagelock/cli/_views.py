@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -130,4 +131,10 @@ def _plot(args: argparse.Namespace) -> int:
         f"wrote {out} ({record.n_shifts} frames, {record.n_failed} without a shift, "
         f"{len(record.corrections)} corrections)"
     )
+    if record.unreadable_lines:
+        print(
+            f"warning: {record.unreadable_lines} damaged line(s) in {args.record} "
+            "skipped (torn by a crash or a full disk)",
+            file=sys.stderr,
+        )
     return 0

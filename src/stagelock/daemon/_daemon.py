@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from stagelock._pixels import finite_pixels
 from stagelock.protocol import (
     CORRECTION_TOPIC,
     SHIFT_SCHEMA,
@@ -187,11 +188,15 @@ class Daemon:
 
         # worker-only state
         self._registrar: Registrar | None = None
+        self._reference_shape: tuple[int, ...] | None = None
         self._mean_frames: list[Frame] = []
         self._bad_run = 0
         self._ready_sent = False
         self._resumed = False  # the registrar came from the state directory
         self._fatal: str | None = None  # a stop that must fail the run (exit 2)
+        self._failed_sinks: set[int] = set()
+        self.exit_code = 0
+        """What :meth:`run` returns: 0, or 1 when a sink (the record) failed."""
 
     # -- public control ---------------------------------------------------------------
 
@@ -370,6 +375,9 @@ class Daemon:
             self._publish_endpoint or "(none)",
             self.control.endpoint if self.control else "(none)",
         )
+        if hasattr(self.source, "wait_for_consumer"):
+            # a folder's backlog waits for the worker instead of being skipped
+            self.source.wait_for_consumer = self._wait_for_worker
         self.source.start(self._on_frame)
         if not self.source.frames_at_start:
             # a watched folder may stay empty for hours: it is ready once watching
@@ -380,7 +388,10 @@ class Daemon:
         return self._stop.wait(timeout_s)
 
     def run(self) -> int:
-        """Start, wait for a stop request or a limit, shut down; returns 0.
+        """Start, wait for a stop request or a limit, shut down; return the exit code.
+
+        0, or 1 when a sink failed during the run (e.g. the record hit a full
+        disk), 2 when the configuration proved unusable on the first frame.
 
         ``config.duration_s`` ends the run by itself; ``config.frames`` is
         checked by the worker.
@@ -402,7 +413,7 @@ class Daemon:
             self.shutdown()
         if self._fatal is not None:
             raise DaemonError(self._fatal)
-        return 0
+        return self.exit_code
 
     def shutdown(self, timeout_s: float = 1.5) -> None:
         """Shut down (the one path): finish the frame in hand, flush, close.
@@ -466,6 +477,10 @@ class Daemon:
             return  # another channel/plane of an MDA: never measured
         self._slot.put(frame)
 
+    def _wait_for_worker(self) -> None:
+        while not self._stop.is_set() and not self._slot.wait_taken(0.5):
+            pass
+
     # -- worker thread ----------------------------------------------------------------
 
     def _work(self) -> None:
@@ -493,6 +508,7 @@ class Daemon:
                             self._frames_failed += 1
                 now = time.monotonic()
                 self._check_stall(now)
+                self._check_control()
                 if now >= next_heartbeat:
                     next_heartbeat = now + heartbeat_s
                     self._heartbeat()
@@ -508,6 +524,10 @@ class Daemon:
 
     def _handle(self, frame: Frame, skipped: int) -> None:
         self._send_ready()
+        clean = finite_pixels(frame.image)
+        if clean is not frame.image:
+            # a NaN/inf pixel would make the whole frame look blank
+            frame = dataclasses.replace(frame, image=clean)
         with self._lock:
             paused = self._paused
             rereference, self._rereference = self._rereference, False
@@ -605,8 +625,25 @@ class Daemon:
             "min_confidence": reg.min_confidence,
         }
 
+    def _roi_outside(self, frame: Frame) -> bool:
+        """Stop the run (exit 2) when ``registration.roi`` misses the frames."""
+        roi = self.config.registration.roi
+        height, width = frame.image.shape[:2]
+        if roi is None or (roi[0] + roi[2] <= width and roi[1] + roi[3] <= height):
+            return False
+        text = (
+            f"registration.roi {list(roi)} lies outside the {width}×{height} px "
+            "frames; choose x + w <= width and y + h <= height"
+        )
+        self.exit_code = 2
+        self.alarms.set("config_error", text)
+        self.request_stop(text)
+        return True
+
     def _take_reference(self, frame: Frame, skipped: int) -> None:
         reg = self.config.registration
+        if self._roi_outside(frame):
+            return
         if reg.reference == "mean":
             self._mean_frames.append(
                 dataclasses.replace(frame, image=np.array(frame.image, copy=True))
@@ -653,6 +690,7 @@ class Daemon:
         image: npt.NDArray[Any] | None = None,
     ) -> None:
         self._registrar = registrar
+        self._reference_shape = tuple(frame.image.shape)
         if image is not None:
             self._save_reference(image, frame, what)
         with self._lock:
@@ -673,6 +711,8 @@ class Daemon:
 
     def _measure_and_send(self, frame: Frame, skipped: int) -> None:
         assert self._registrar is not None
+        if not self._right_size(frame, skipped):
+            return
         try:
             est = self._registrar.measure(frame.image)
         except ValueError as exc:
@@ -700,6 +740,33 @@ class Daemon:
             self._log_progress(n, frame, est)
         if self.config.frames is not None and n >= self.config.frames:
             self.request_stop(f"measured {n} frames")
+
+    def _right_size(self, frame: Frame, skipped: int) -> bool:
+        """Check the frame against the reference's size; alarm and publish if not.
+
+        A frame of another size (binning or ROI changed mid-run) cannot be
+        compared with the reference: it is counted as failed, published with
+        status ``wrong_size`` and raises the ``frame_size_changed`` alarm until
+        frames of the reference's size come back (or a new reference is taken).
+        """
+        shape, ref = tuple(frame.image.shape), self._reference_shape
+        if ref is None or shape == ref:
+            self.alarms.set("frame_size_changed", None)
+            return True
+        with self._lock:
+            self._frames_failed += 1
+        self.alarms.set(
+            "frame_size_changed",
+            f"frames are {shape[-1]}×{shape[0]} px, the reference "
+            f"{ref[-1]}×{ref[0]} px: not measured ('stagelock ctl rereference' "
+            "takes a new reference)",
+        )
+        message = self._shift_message(
+            frame, ShiftEstimate.failed(Status.NO_PEAK), skipped
+        )
+        message["status"] = "wrong_size"
+        self._send(SHIFT_TOPIC, message)
+        return False
 
     def _log_progress(self, n: int, frame: Frame, est: ShiftEstimate) -> None:
         st = self.status()
@@ -827,8 +894,29 @@ class Daemon:
         for sink in self.sinks:
             try:
                 sink.publish(topic, message)
-            except Exception:
-                logger.exception("sink %r failed on %s", sink, topic)
+            except Exception as exc:
+                self._sink_failed(sink, topic, exc)
+
+    def _sink_failed(self, sink: ShiftSink, topic: str, exc: Exception) -> None:
+        """Report a sink's failure once (one line, an alarm), not per message."""
+        key = id(sink)
+        if key in self._failed_sinks:
+            logger.debug("sink %r failed again on %s: %s", sink, topic, exc)
+            return
+        self._failed_sinks.add(key)
+        self.exit_code = 1
+        alarm = getattr(sink, "failure_alarm", "sink_failed")
+        where = getattr(sink, "path", None) or sink
+        if isinstance(exc, OSError):
+            # the alarm's own log line is the one line about it
+            text = (
+                f"cannot write {where}: {exc.strerror or exc}; recording stopped "
+                "(measuring goes on)"
+            )
+        else:
+            text = f"{where} failed on {topic}: {exc}"
+            logger.exception("sink %r failed on %s", sink, topic)
+        self.alarms.set(alarm, text)
 
     def _track_quality(self, frame: Frame, est: ShiftEstimate) -> None:
         good = est.status is Status.OK
@@ -855,6 +943,17 @@ class Daemon:
                 f"{self._bad_run} frames in a row without a trustworthy shift "
                 f"(last: {est.status.value})",
             )
+
+    def _check_control(self) -> None:
+        """Watchdog on the control thread: its death is an alarm, not silence."""
+        control = self.control
+        if control is None or control.alive or self._stop.is_set():
+            return
+        self.alarms.set(
+            "control_lost",
+            f"the control socket {control.endpoint} stopped serving; stop the "
+            "daemon with SIGTERM",
+        )
 
     def _check_stall(self, now: float) -> None:
         with self._lock:

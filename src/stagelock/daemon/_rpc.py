@@ -135,16 +135,18 @@ class ControlServer:
             while not self._stop.is_set():
                 if not sock.poll(int(self.poll_interval_s * 1000), zmq.POLLIN):
                     continue
-                raw = sock.recv()
-                reply = self.dispatch(raw)
-                try:
-                    data = json.dumps(json_safe(reply), allow_nan=False).encode()
-                except (TypeError, ValueError) as exc:
-                    logger.exception("control reply not serialisable")
-                    data = json.dumps(
-                        error_reply(f"reply not serialisable: {exc}", "internal_error")
-                    ).encode()
-                sock.send(data)
+                # the whole message: a REP socket answers only after every part
+                # was read, and a multipart request is an error, not a wedge
+                parts = sock.recv_multipart()
+                if len(parts) == 1:
+                    reply = self.dispatch(parts[0])
+                else:
+                    logger.warning("control: request of %d frames", len(parts))
+                    reply = error_reply(
+                        f"a request is one JSON frame; got {len(parts)} frames",
+                        "invalid_request",
+                    )
+                sock.send(self._encode(reply))
                 self.requests += 1
         except zmq.ZMQError as exc:
             if not self._stop.is_set():
@@ -152,6 +154,21 @@ class ControlServer:
         finally:
             # a short linger lets the reply to "stop" leave before the socket goes
             sock.close(linger=200)
+
+    @staticmethod
+    def _encode(reply: Mapping[str, Any]) -> bytes:
+        try:
+            return json.dumps(json_safe(reply), allow_nan=False).encode()
+        except (TypeError, ValueError, RecursionError) as exc:
+            logger.exception("control reply not serialisable")
+            return json.dumps(
+                error_reply(f"reply not serialisable: {exc}", "internal_error")
+            ).encode()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the server thread is serving (False once it died or closed)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def dispatch(self, raw: bytes) -> dict[str, Any]:
         """Turn one raw request into its reply; never raises.
@@ -168,9 +185,12 @@ class ControlServer:
         """
         try:
             req = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            logger.warning("control: invalid JSON request %r: %s", raw[:80], exc)
-            return error_reply(f"invalid JSON: {exc}", "invalid_json")
+        except (ValueError, RecursionError) as exc:
+            # JSONDecodeError, bad UTF-8, an integer of thousands of digits,
+            # nesting deeper than the recursion limit
+            text = str(exc)[:200]
+            logger.warning("control: invalid JSON request %r: %s", raw[:80], text)
+            return error_reply(f"invalid JSON: {text}", "invalid_json")
         if not isinstance(req, dict) or not isinstance(req.get("command"), str):
             logger.warning("control: request without a command: %r", raw[:80])
             return error_reply(

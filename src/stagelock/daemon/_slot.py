@@ -84,10 +84,27 @@ class LatestSlot(Generic[T]):
                 self._item = None
                 self._has_item = False
                 self._skipped_since_get = 0
+                self._cond.notify_all()  # a producer may wait in wait_taken
                 return item, skipped  # type: ignore[return-value]
             if self._closed:
                 raise SlotClosed
             return None
+
+    def wait_taken(self, timeout_s: float | None = None) -> bool:
+        """Wait until the consumer took the unread item (or the slot closed).
+
+        For producers that can wait instead of replacing (a folder's backlog:
+        the files stay on disk), so nothing is skipped.
+
+        Returns
+        -------
+        bool
+            True when the slot is empty or closed.
+        """
+        with self._cond:
+            if self._has_item and not self._closed:
+                self._cond.wait(timeout_s)
+            return not self._has_item or self._closed
 
     def clear(self) -> int:
         """Drop an unread item (not counted as skipped); return how many (0 or 1)."""
@@ -170,10 +187,18 @@ class KeyedLatestSlot(Generic[T]):
                 key = next(iter(self._items))
                 item = self._items.pop(key)
                 skipped, self._skipped_since_get = self._skipped_since_get, 0
+                self._cond.notify_all()  # a producer may wait in wait_taken
                 return item, skipped
             if self._closed:
                 raise SlotClosed
             return None
+
+    def wait_taken(self, timeout_s: float | None = None) -> bool:
+        """Wait until the consumer took every unread item (see LatestSlot)."""
+        with self._cond:
+            if self._items and not self._closed:
+                self._cond.wait(timeout_s)
+            return not self._items or self._closed
 
     def clear(self) -> int:
         """Drop every unread item (not counted as skipped); return how many."""

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from stagelock.protocol import SHIFT_TOPIC, json_safe
 
@@ -36,6 +36,12 @@ SHIFT_COLUMNS: tuple[str, ...] = (
 
 class Recorder:
     """Append messages to ``path``, one line each, flushed per line.
+
+    A write error (disk full, file too large) stops the record: the first
+    failing :meth:`publish` raises the :class:`OSError` (the daemon turns it
+    into the ``record_failed`` alarm), later messages are counted in
+    :attr:`lines_dropped`. Opening a file whose last line is incomplete ends that
+    line first, so appended rows never merge with a torn one.
 
     The format follows the extension: ``.csv`` (one row per message of the CSV
     topic, columns :data:`SHIFT_COLUMNS`) or ``.jsonl`` (one JSON object per
@@ -67,6 +73,9 @@ class Recorder:
         When the file cannot be opened for appending.
     """
 
+    failure_alarm = "record_failed"
+    """The daemon's alarm when a write fails."""
+
     def __init__(
         self,
         path: str | Path,
@@ -88,19 +97,33 @@ class Recorder:
         self.columns = tuple(columns)
         self.fsync = bool(fsync)
         self.lines_written = 0
+        self.lines_dropped = 0
+        """Messages not written because an earlier write failed."""
+        self.error: OSError | None = None
+        """The write error that stopped the record, if any."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.format == "csv":
             self._check_header()
-        # append mode: a restart adds lines, never truncates earlier data
-        self._fh: TextIO | None = self.path.open("a", encoding="utf-8", newline="")
-        if _ends_mid_line(self.path):
-            # a power cut mid-line (not a kill: lines are whole writes): end the
-            # torn line, so the next record starts on a line of its own
-            logger.warning("%s ends with a torn line; appending after it", self.path)
-            self._fh.write("\n")
-            self._fh.flush()
-        if self.format == "csv" and self._fh.tell() == 0:
+        # append mode: a restart adds lines, never truncates earlier data; raw
+        # (unbuffered) writes, so a failed write leaves nothing queued behind
+        self._fh: BinaryIO | None = self.path.open("ab", buffering=0)
+        end = self._fh.seek(0, os.SEEK_END)
+        if end > 0 and not self._ends_with_newline():
+            # a crash or a full disk tore the last line: finish it, or the next
+            # row would be glued onto it
+            logger.warning(
+                "%s: the last line was incomplete (a crash or a full disk?); "
+                "ended it before appending",
+                self.path,
+            )
+            self._write_bytes(b"\n")
+        if self.format == "csv" and end == 0:
             self._write_line(self._csv_line(self.columns))
+
+    def _ends_with_newline(self) -> bool:
+        with self.path.open("rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) == b"\n"
 
     def _check_header(self) -> None:
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -119,13 +142,21 @@ class Recorder:
         csv.writer(buf, lineterminator="\n").writerow(values)
         return buf.getvalue()
 
-    def _write_line(self, line: str) -> None:
+    def _write_bytes(self, data: bytes) -> None:
         assert self._fh is not None
-        # one write call per complete line, then flush: a crash leaves whole lines
-        self._fh.write(line)
-        self._fh.flush()
+        view = memoryview(data)
+        while view:
+            # a raw write may be partial (the disk filled up mid-line); the
+            # next call then raises
+            n = self._fh.write(view)
+            view = view[n or 0 :]
         if self.fsync:
             os.fsync(self._fh.fileno())
+
+    def _write_line(self, line: str) -> None:
+        # one complete line per call: a crash leaves whole lines (or one torn
+        # last line, which the next open finishes)
+        self._write_bytes(line.encode("utf-8"))
         self.lines_written += 1
 
     def publish(self, topic: str, message: Mapping[str, Any]) -> None:
@@ -138,7 +169,10 @@ class Recorder:
         message : mapping
             The message; NaN becomes empty (CSV) or null (JSON).
         """
-        if self._fh is None or topic not in self.topics:
+        if topic not in self.topics:
+            return
+        if self._fh is None or self.error is not None:
+            self.lines_dropped += 1
             return
         safe = json_safe(message)
         if self.format == "jsonl":
@@ -149,7 +183,14 @@ class Recorder:
             )
         else:
             return
-        self._write_line(line)
+        try:
+            self._write_line(line)
+        except OSError as exc:
+            # stop at the first failure: one error for the caller, no torn
+            # lines piling up; a restart finishes the torn line and appends
+            self.error = exc
+            self.lines_dropped += 1
+            raise
 
     def close(self) -> None:
         """Flush, sync and close the file; idempotent."""
@@ -157,16 +198,9 @@ class Recorder:
             return
         fh, self._fh = self._fh, None
         try:
-            fh.flush()
-            os.fsync(fh.fileno())
+            if self.error is None:
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            logger.warning("%s: sync at close failed: %s", self.path, exc)
         finally:
             fh.close()
-
-
-def _ends_mid_line(path: Path) -> bool:
-    """Whether a non-empty file's last byte is not a newline."""
-    with path.open("rb") as fh:
-        if fh.seek(0, 2) == 0:
-            return False
-        fh.seek(-1, 2)
-        return fh.read(1) != b"\n"

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import re
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from ._protocol import Frame, FrameCallback
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["FolderSource", "acquisition_index", "file_position"]
 
@@ -97,6 +101,12 @@ class _FileState:
     pages_done: int = 0
     read_size: int = -1  # size when last read: unchanged = nothing new
     done: bool = False  # corrupt or ignored: never looked at again
+    backlog: bool = False  # present at start with from_start: delivered paced
+
+    @property
+    def idle(self) -> bool:
+        """Read at its current size: nothing to do until it changes."""
+        return self.read_size >= 0 and self.read_size == self.size
 
 
 class _Incomplete(Exception):
@@ -195,6 +205,20 @@ class FolderSource:
         self.n_corrupt = 0
         """Files skipped as unreadable."""
         self._files: dict[Path, _FileState] = {}
+        self.rescan_s = 2.0
+        """Period of the full directory sweep; in between, only files named by
+        file events and files still pending are looked at (idle costs ~0)."""
+        self._next_sweep = 0.0
+        self._started = False
+        self._dirty: set[Path] = set()
+        self._dirty_lock = threading.Lock()
+        self.scans = 0
+        """Scans run so far."""
+        self.files_polled = 0
+        """Files looked at (stat) by scans so far."""
+        self.wait_for_consumer: Callable[[], None] | None = None
+        """Called before each backlog frame (``from_start``): the daemon waits
+        there until its worker took the previous frame, so none is skipped."""
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -214,6 +238,9 @@ class FolderSource:
             raise RuntimeError("FolderSource already started")
         if not self.from_start:
             self._ignore_existing()
+        else:
+            for state in self._candidates():
+                state.backlog = True
         self._start_observer()
         self._thread = threading.Thread(
             target=self._run, args=(on_frame,), name="stagelock-folder", daemon=True
@@ -238,13 +265,14 @@ class FolderSource:
         from watchdog.events import FileSystemEventHandler
         from watchdog.observers import Observer
 
-        wake = self._wake
+        wake, mark = self._wake, self._mark_dirty
 
         class _Wake(FileSystemEventHandler):
             def on_any_event(self, event: Any) -> None:
                 # our own reads raise "opened"/"closed_no_write": ignore them, or
                 # every scan would trigger the next one
                 if event.event_type in ("created", "modified", "moved", "closed"):
+                    mark(event.src_path, getattr(event, "dest_path", ""))
                     wake.set()
 
         observer = Observer()
@@ -255,13 +283,32 @@ class FolderSource:
 
     # -- scanning -----------------------------------------------------------------
 
+    def _mark_dirty(self, *paths: Any) -> None:
+        names = [os.path.basename(os.fsdecode(p)) for p in paths if p]
+        with self._dirty_lock:
+            self._dirty.update(self.path / n for n in names if n)
+
     def _candidates(self) -> list[_FileState]:
+        """Return the files to look at now, in delivery order.
+
+        A full directory sweep every :attr:`rescan_s`; in between, only the
+        files that file events named plus those still pending (new, growing,
+        incomplete), so thousands of finished files cost nothing while idle.
+        """
         now = time.monotonic()
-        try:
-            entries = list(self.path.iterdir())
-        except OSError as exc:
-            logger.warning("cannot list %s: %s", self.path, exc)
-            return []
+        with self._dirty_lock:
+            dirty, self._dirty = self._dirty, set()
+        sweep = now >= self._next_sweep
+        entries: list[Path]
+        if sweep:
+            self._next_sweep = now + self.rescan_s
+            try:
+                entries = list(self.path.iterdir())
+            except OSError as exc:
+                logger.warning("cannot list %s: %s", self.path, exc)
+                return []
+        else:
+            entries = list(dirty)
         for entry in entries:
             if entry in self._files or not fnmatch.fnmatch(entry.name, self.pattern):
                 continue
@@ -278,7 +325,12 @@ class FolderSource:
             )
             self._files[entry] = _FileState(entry, order, size_changed_at=now)
         return sorted(
-            (s for s in self._files.values() if not s.done), key=lambda s: s.order
+            (
+                s
+                for s in self._files.values()
+                if not s.done and (sweep or not s.idle or s.path in dirty)
+            ),
+            key=lambda s: s.order,
         )
 
     def _ignore_existing(self) -> None:
@@ -299,23 +351,57 @@ class FolderSource:
             self._wake.clear()
 
     def _scan(self, on_frame: FrameCallback) -> None:
-        for state in self._candidates():
+        self.scans += 1
+        candidates = self._candidates()
+        for i, state in enumerate(candidates):
             if self._stop.is_set():
                 return
             ready = self._poll_file(state, on_frame)
             if not ready and state.pages_done == 0 and not state.done:
+                if self._abandoned(state, candidates[i + 1 :]):
+                    self._corrupt(state, "empty, and later files are complete")
+                    continue
                 # a new file still being written holds back later files, so
                 # frames are delivered in acquisition order
                 return
 
+    def _abandoned(self, state: _FileState, later: list[_FileState]) -> bool:
+        """Tell whether an empty file was left behind: a later file is finished.
+
+        Writers write one file after the other: once a later file is complete
+        and older than one poll, an empty earlier file will not be written.
+        """
+        try:
+            st = state.path.stat()
+        except OSError:
+            return True
+        if st.st_size != 0:
+            return False
+        settled = time.time() - self.poll_interval_s
+        for other in later[:4]:
+            try:
+                o = other.path.stat()
+            except OSError:
+                continue
+            if o.st_size > 0 and st.st_mtime <= o.st_mtime <= settled:
+                return True
+        return False
+
     def _poll_file(self, state: _FileState, on_frame: FrameCallback) -> bool:
         """Read new pages of one file when complete; True if nothing is pending."""
         now = time.monotonic()
+        self.files_polled += 1
         try:
-            size = state.path.stat().st_size
+            st = state.path.stat()
         except OSError:
             state.done = True  # deleted before it could be read
             return True
+        size = st.st_size
+        age_s = time.time() - st.st_mtime
+        if state.size < 0 and age_s > 2 * self.poll_interval_s:
+            # not written to for a while (a backlog file): stable already
+            state.size = size
+            state.size_changed_at = now - age_s
         if size != state.size:
             state.size = size
             state.size_changed_at = now
@@ -348,6 +434,8 @@ class FolderSource:
                 source=self.name,
                 metadata={"file": str(state.path), "page": page_index, **where},
             )
+            if state.backlog and self.wait_for_consumer is not None:
+                self.wait_for_consumer()
             self.n_frames += 1
             state.pages_done = page_index + 1
             on_frame(frame)

@@ -89,8 +89,8 @@ class DriftRecord:
     corrections : tuple of RecordedCorrection
         Stage corrections, in file order.
     unreadable_lines : int
-        JSON lines that could not be parsed and were skipped (e.g. a last line
-        truncated by a crash).
+        JSON lines that could not be parsed, or CSV rows with the wrong number
+        of fields, skipped (e.g. a last line truncated by a crash or a full disk).
     """
 
     path: Path
@@ -160,7 +160,9 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip() in _NULLS)
 
 
-def _csv_rows(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _csv_rows(
+    text: str, path: Path, bad: list[int]
+) -> Iterator[tuple[int, dict[str, Any]]]:
     reader = csv.DictReader(io.StringIO(text))
     fields = [name.strip() for name in (reader.fieldnames or [])]
     missing = [c for c in REQUIRED_COLUMNS if c not in fields]
@@ -172,6 +174,11 @@ def _csv_rows(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         )
     reader.fieldnames = fields
     for row in reader:
+        # a row with more or fewer fields than the header is a torn or glued
+        # line (a crash, a full disk): skipped and counted, never misread
+        if None in row or any(v is None for v in row.values()):
+            bad.append(reader.line_num)
+            continue
         # DictReader reports line_num of the last physical line read
         yield reader.line_num, row
 
@@ -229,7 +236,7 @@ def load_record(path: str | Path) -> DriftRecord:
 
     bad_lines: list[int] = []
     is_json = text.lstrip().startswith("{")
-    rows = _json_rows(text, bad_lines) if is_json else _csv_rows(text, path)
+    rows = _json_rows(text, bad_lines) if is_json else _csv_rows(text, path, bad_lines)
 
     columns: dict[str, list[float]] = {
         k: []
