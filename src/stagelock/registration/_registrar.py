@@ -15,6 +15,7 @@ from ._match import IntegerMatch, match_in_window
 from ._subpixel import RegionFit, RegionStack
 from ._templates import select_regions
 from ._types import ShiftEstimate, Status
+from ._verify import overlap_agreement, overview, overview_factor
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -59,6 +60,12 @@ class _Key:
     offset_row: float
     offset_col: float
     frame_fit: FrameFit | None = None
+    overview: npt.NDArray[np.float32] | None = None
+
+
+MIN_AGREEMENT = 0.3
+"""Overlap agreement (:func:`._verify.overlap_agreement`) below which a shift
+found by the search is not reported ``ok``."""
 
 
 def region_coverage(
@@ -323,7 +330,14 @@ class Registrar:
         if self.smooth_sigma_px == "auto" and not self._trial_done:
             # σ = 1 px until the trial shows the unblurred fit is clearly better
             self._trial = _Trial(RegionStack(ref32, keep, size, 0.0))
-        return _Key(stack, smalls, off_row, off_col, self._frame_fit(ref32))
+        return _Key(
+            stack,
+            smalls,
+            off_row,
+            off_col,
+            self._frame_fit(ref32),
+            overview(ref32, overview_factor(ref32.shape)),
+        )
 
     def _frame_fit(self, ref32: npt.NDArray[np.float32]) -> FrameFit | None:
         if self._frame_coverage is None:
@@ -469,6 +483,9 @@ class Registrar:
                 self._track = None
                 return ShiftEstimate.failed(start)
             solution = self._refine(frame, key.stack, start[0], start[1])
+            searched = True
+        else:
+            searched = False
         if solution is None:
             self._track = None
             return ShiftEstimate.failed(Status.NO_PEAK)
@@ -489,6 +506,16 @@ class Registrar:
                     fine.sigma_px,
                     fine.n_tiles,
                 )
+        if searched and trusted and key.overview is not None:
+            # a fresh capture is checked against the rest of the overlap: few
+            # regions (small overlap) or a repeated motif can agree on a wrong
+            # shift, and then the overlap does not match
+            factor = overview_factor(frame.shape)
+            agreement = overlap_agreement(
+                key.overview, overview(frame, factor), d_row, d_col, factor
+            )
+            if not agreement >= MIN_AGREEMENT:
+                trusted = False
         total_row = d_row + key.offset_row
         total_col = d_col + key.offset_col
         if max(abs(total_row), abs(total_col)) > self.max_shift_px:

@@ -1,0 +1,32 @@
+"""'ok' means right: no hard case is reported ok more than 0.5 px off."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from stagelock import Registrar
+
+from ._corpus import RIGHT_PX, HardCase, corpus
+
+CASES = corpus()
+
+
+@pytest.mark.parametrize("coverage", [None, 1.0], ids=["default", "coverage-1"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_ok_is_right(case: HardCase, coverage: float | None) -> None:
+    est = Registrar(case.reference, coverage=coverage, **case.options).measure(
+        case.frame
+    )
+    if est.ok:
+        err = math.hypot(est.dx_px - case.dx, est.dy_px - case.dy)
+        assert err <= RIGHT_PX, f"ok but {err:.2f} px off (confidence {est.confidence})"
+    elif not est.status.has_shift:
+        assert math.isnan(est.dx_px) and math.isnan(est.dy_px)
+
+
+def test_the_corpus_still_measures_the_easy_half() -> None:
+    # the rule must not be met by refusing everything
+    n_ok = sum(Registrar(c.reference, **c.options).measure(c.frame).ok for c in CASES)
+    assert n_ok >= len(CASES) // 2
