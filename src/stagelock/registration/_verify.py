@@ -23,13 +23,14 @@ def overview_factor(shape: tuple[int, ...]) -> int:
 def overview(image: npt.NDArray[Any], factor: int) -> npt.NDArray[np.float32]:
     """Area-averaged copy of ``image`` reduced by ``factor`` (noise drops by it)."""
     h, w = image.shape[0] // factor, image.shape[1] // factor
-    crop = np.asarray(image[: h * factor, : w * factor], dtype=np.float32)
+    crop: npt.NDArray[np.float32] = np.asarray(
+        image[: h * factor, : w * factor], dtype=np.float32
+    )
     if factor == 1:
         return crop
-    out: npt.NDArray[np.float32] = cv2.resize(
-        crop, (w, h), interpolation=cv2.INTER_AREA
+    return np.asarray(
+        cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA), dtype=np.float32
     )
-    return out
 
 
 def overlap_agreement(
