@@ -34,7 +34,6 @@ __all__ = [
     "FrameFit",
     "FrameSolution",
     "NoiseModel",
-    "choose_sigma",
     "estimate_noise",
 ]
 
@@ -90,7 +89,7 @@ def estimate_noise(image: npt.NDArray[np.float32]) -> NoiseModel:
     mean = cv2.blur(img, (5, 5))[1:-1, 1:-1].ravel()
     step = max(1, high.size // 200_000)  # a deterministic sparse sample
     high, mean = high[::step], mean[::step]
-    lo, hi = np.percentile(img, [1.0, 99.0])
+    lo, hi = np.percentile(img[:: max(1, img.shape[0] // 256)], [1.0, 99.0])
     floor = 1e-6 * float(hi - lo) ** 2 + 1e-12
     edges = np.quantile(mean, np.linspace(0.0, 1.0, 9))
     xs, ys = [], []
@@ -180,48 +179,6 @@ def _template_and_gradients(
     )
 
 
-def choose_sigma(
-    reference: npt.NDArray[np.float32],
-    noise: NoiseModel,
-    candidates: tuple[float, ...] = (0.0, 1.0),
-) -> float:
-    """Pre-filter that minimises the predicted variance of the whole-frame fit.
-
-    With a noisy reference, a shift estimate's variance is about
-    ``(S + N) / S²`` in units of the weighted gradient energy, where ``N`` is the
-    energy the reference's own noise puts in its gradients (known from the noise
-    model and the kernel) and ``S`` the rest, the signal's. A blur lowers ``N``
-    much more than ``S`` on smooth, faint samples and costs ``S`` on sharp ones
-    (beads): this picks whichever wins on this reference.
-
-    Parameters
-    ----------
-    reference : ndarray of float32
-    noise : NoiseModel
-    candidates : tuple of float
-        Pre-filter widths to compare (px; 0: none).
-
-    Returns
-    -------
-    float
-        The best candidate.
-    """
-    ref = np.asarray(reference, dtype=np.float32)
-    var = noise.variance(np.asarray(cv2.GaussianBlur(ref, (0, 0), 1.0), np.float32))
-    weight = 1.0 / (2.0 * var)
-    best, best_var = candidates[0], math.inf
-    for sigma in candidates:
-        _c_t, c_g = _noise_gains(sigma)
-        _img, gx, gy = _template_and_gradients(ref, sigma)
-        total = 0.5 * float(np.sum(weight * (gx * gx + gy * gy), dtype=np.float64))
-        noise_e = c_g * float(np.sum(weight * var, dtype=np.float64))
-        signal = max(total - noise_e, 1e-3 * total, 1e-300)
-        predicted = (signal + noise_e) / signal**2
-        if predicted < best_var:
-            best, best_var = sigma, predicted
-    return float(best)
-
-
 @dataclass(frozen=True, slots=True)
 class FrameSolution:
     """Outcome of a whole-frame fit.
@@ -268,7 +225,7 @@ class FrameFit:
     tile_px : int, optional
         Side of the tiles that carry a gain and an offset each and are rejected
         as a whole when they do not follow the shift (debris, a bleached patch).
-        Default 32 px up to 1024 px frames, 64 px above.
+        Default 32 px.
     noise : NoiseModel, optional
         Default: estimated from the reference (:func:`estimate_noise`).
 
@@ -316,7 +273,7 @@ class FrameFit:
         # Gauss-Newton step efficiency, learnt by refine() (see there)
         self.eta = 1.0
         height, width = ref.shape
-        s = tile_px or (32 if min(height, width) <= 1024 else 64)
+        s = tile_px or 32
         s = int(min(s, height, width))
         self.shape = (height, width)
         self.tile_px = s
@@ -339,14 +296,16 @@ class FrameFit:
         # projects onto (low frequencies pass the blur), and the spread of the
         # tiles' shifts calibrates the covariance anyway
         weight = (1.0 / (2.0 * var_raw)).astype(np.float32)
-        self.weight = weight
-        self.grad_x = np.ascontiguousarray(grad_x)
-        self.grad_y = np.ascontiguousarray(grad_y)
+        grad_x = np.ascontiguousarray(grad_x)
+        grad_y = np.ascontiguousarray(grad_y)
         tile_mean = self._tile_sum(weight * templ) / self._tile_sum(weight)
-        full_mean = np.repeat(np.repeat(tile_mean, s, 0), s, 1).astype(np.float32)
-        self.templ = np.ascontiguousarray(templ - full_mean, dtype=np.float32)
+        centred = (
+            templ.reshape(n_ty, s, n_tx, s)
+            - tile_mean.astype(np.float32)[:, None, :, None]
+        )
+        templ_c = np.ascontiguousarray(centred.reshape(rows, cols))
         # per-tile weighted normal matrices of the basis (T, Gx, Gy, 1)
-        basis = (self.templ, self.grad_x, self.grad_y, None)
+        basis = (templ_c, grad_x, grad_y, None)
         normal = np.empty((n_ty, n_tx, 4, 4))
         for i, bi in enumerate(basis):
             for j in range(i, 4):
@@ -373,9 +332,10 @@ class FrameFit:
         n_bands = max(1, math.ceil(self.coverage * n_ty - 1e-9))
         order = np.argsort(-band_score, kind="stable")
         self.bands = np.sort(order[:n_bands])
-        self.basis_w = np.stack(
-            [weight * self.templ, weight * self.grad_x, weight * self.grad_y, weight]
-        ).astype(np.float32)
+        self.basis_w = np.empty((4, rows, cols), dtype=np.float32)
+        for q, comp in enumerate((templ_c, grad_x, grad_y)):
+            np.multiply(weight, comp, out=self.basis_w[q])
+        self.basis_w[3] = weight
         self._rows = np.empty((5, cols), dtype=np.float32)
 
     # -- helpers ------------------------------------------------------------------

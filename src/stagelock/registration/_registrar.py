@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from ._fullframe import FrameFit, FrameSolution, choose_sigma, estimate_noise
+from ._fullframe import FrameFit, FrameSolution, estimate_noise
 from ._match import IntegerMatch, match_in_window
 from ._subpixel import RegionFit, RegionStack
 from ._templates import select_regions
@@ -342,13 +342,12 @@ class Registrar:
     def _frame_fit(self, ref32: npt.NDArray[np.float32]) -> FrameFit | None:
         if self._frame_coverage is None:
             return None
+        # the frame fit keeps the 1 px pre-filter under "auto": over every pixel
+        # of the frame the noise it removes from both images' gradients
+        # outweighs the signal it discards on all the bench's samples (beads
+        # included), and the exactly sampled kernel keeps it free of locking
+        sigma = 1.0 if self.smooth_sigma_px == "auto" else float(self.smooth_sigma_px)
         noise = estimate_noise(ref32)
-        if self.smooth_sigma_px == "auto":
-            # the frame fit sees every pixel: its own trade-off between the
-            # blur's lost signal and the reference's noise (see choose_sigma)
-            sigma = choose_sigma(ref32, noise)
-        else:
-            sigma = float(self.smooth_sigma_px)
         return FrameFit(
             ref32, coverage=self._frame_coverage, smooth_sigma_px=sigma, noise=noise
         )
