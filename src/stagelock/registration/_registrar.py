@@ -686,12 +686,13 @@ class Registrar:
 
 
 def _agrees(fine: FrameSolution, coarse: _Solution) -> bool:
-    """Whether the frame fit confirms the regions' shift (within 0.5 px, 5σ)."""
+    """Whether the frame fit confirms the regions' capture (within 0.5 px).
+
+    The frame fit starts from the regions' shift and is far more precise, so
+    only a gross disagreement (a wrong capture, most tiles rejected) counts.
+    """
     dist = math.hypot(fine.d_row - coarse.d_row, fine.d_col - coarse.d_col)
-    coarse_sigma = math.sqrt(max(float(np.trace(coarse.cov)), 0.0))
-    return dist <= min(0.5, max(0.1, 5.0 * coarse_sigma)) and 2 * fine.n_tiles >= (
-        fine.n_valid
-    )
+    return dist <= 0.5 and 2 * fine.n_tiles >= fine.n_valid
 
 
 def _median(values: npt.NDArray[np.float64]) -> float:
