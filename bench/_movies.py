@@ -306,6 +306,34 @@ def make_movie(
     return movie, truth, info
 
 
+def frame0_bound(spec: MovieSpec) -> dict[str, float] | None:
+    """Cramér-Rao bound of the whole frame for this movie (noisy frame-0 reference).
+
+    From the noiseless frame 0 (the same canvas and crop as the movie) and the
+    camera model: variance = (expected electrons + read noise²) / gain² ADU²,
+    the reference's own noise added (it is a noisy frame too). Returns
+    ``{"rms_px", "sigma_x_px", "sigma_y_px"}`` or None for noiseless movies.
+    """
+    from stagelock.registration import camera_variance, shift_crlb
+    from stagelock.synthetic import CameraNoise
+
+    if spec.level not in LEVELS:
+        return None
+    canvas, _factor = make_canvas(spec.image, spec.size)
+    clean = np.clip(Shifter(canvas, spec.size)(0.0, 0.0), 0.0, None)
+    cam = CameraNoise(peak_photons=LEVELS[spec.level])
+    electrons = clean * cam.peak_photons + cam.background_photons
+    var = camera_variance(
+        electrons, read_noise_e=cam.read_noise_e, gain_e_per_adu=cam.gain_e_per_adu
+    )
+    bound = shift_crlb(electrons / cam.gain_e_per_adu, var, reference_variance=var)
+    return {
+        "rms_px": bound.rms_px,
+        "sigma_x_px": bound.sigma_x_px,
+        "sigma_y_px": bound.sigma_y_px,
+    }
+
+
 # ----------------------------------------------------------------------------- cache
 
 

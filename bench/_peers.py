@@ -87,6 +87,32 @@ def stagelock_live(reference: npt.NDArray[np.generic]) -> Step:
     return step
 
 
+COVERAGES = (0.01, 0.05, 0.25, 0.5, 1.0)
+"""The coverage curve drawn per movie (stagelock at each, one tool each)."""
+
+
+def stagelock_at(coverage: float) -> Callable[[Movie], npt.NDArray[np.float64]]:
+    """``estimate_shifts(movie, max_shift_px=50, coverage=c)``."""
+
+    def stack(movie: Movie) -> npt.NDArray[np.float64]:
+        import stagelock
+
+        return np.asarray(
+            stagelock.estimate_shifts(
+                movie, max_shift_px=MAX_SHIFT_PX, coverage=coverage
+            )
+        )
+
+    return stack
+
+
+def coverage_of(tool: str) -> float | None:
+    """The coverage of a ``stagelock_c<coverage>`` tool name, else None."""
+    if not tool.startswith("stagelock_c"):
+        return None
+    return float(tool.removeprefix("stagelock_c"))
+
+
 # ----------------------------------------------------------------------------- peers
 
 
@@ -235,4 +261,15 @@ TOOLS: dict[str, Tool] = {
         ),
     )
 }
-STAGELOCK_TOOLS = ("stagelock", "stagelock_live")
+for _c in COVERAGES:
+    TOOLS[f"stagelock_c{_c:g}"] = Tool(
+        f"stagelock_c{_c:g}",
+        f"`stagelock.estimate_shifts(movie, max_shift_px=50, coverage={_c:g})`",
+        "stagelock",
+        stack=stagelock_at(_c),
+    )
+STAGELOCK_TOOLS = (
+    "stagelock",
+    "stagelock_live",
+    *(f"stagelock_c{c:g}" for c in COVERAGES),
+)

@@ -223,8 +223,11 @@ def worker(plan: Row) -> Row:
             }
             log(f"[check] {name:15s} {status} slope=({slope[0]:.4f}, {slope[1]:.4f})")
 
+    out["bounds"] = {}
     for k, spec_d in enumerate(plan["main"]):
         spec, mv, tr, meta = load(spec_d)
+        if threads == "1":
+            out["bounds"][spec.name] = movies.frame0_bound(spec)
         debris = [int(b) for b in meta.get("debris_frames", []) if b < len(tr)]
         names = list(tools) if k % 2 == 0 else list(tools)[::-1]  # no order bias
         for name in names:
@@ -568,6 +571,30 @@ def tables(res: Row) -> str:
         grid.append(row)
     out.append(md_table(["movie", *tools], grid))
 
+    bounds = res.get("bounds") or {}
+    if any(bounds.values()):
+        out.append(
+            "\n### RMS / Cramér-Rao bound per movie, one thread\n\n"
+            "bound = RMS the whole frame allows (`stagelock.registration.shift_crlb`"
+            " of the noiseless frame 0, camera noise, noisy frame-0 reference); "
+            "1.0 = at the physical limit. Over frames 1..T-1; NaN frames left out.\n"
+        )
+        grid = []
+        for m in mv:
+            b = bounds.get(m)
+            if not b:
+                continue
+            row = [m, _f(b["rms_px"], 4)]
+            for t in tools:
+                r = _row(res, m, t)
+                ok_r = r is not None and not r.get("error")
+                row.append(_f(r["rms_px"] / b["rms_px"], 2) if ok_r and r else "—")
+            grid.append(row)
+        out.append(md_table(["movie", "bound px", *tools], grid))
+        plot = res.get("plot")
+        if plot:
+            out.append(f"\n![RMS vs ms/frame]({plot})\n")
+
     rat = ratios(res)
     if rat:
         out.append("\n### stagelock vs the best peer per movie (one thread)\n")
@@ -674,6 +701,80 @@ def tables(res: Row) -> str:
     return "\n".join(out)
 
 
+def draw_tradeoff(res: Row, path: Path) -> str | None:
+    """RMS vs ms/frame per movie: stagelock over coverage as a curve, peers as dots."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("[plot] matplotlib missing: pip install matplotlib; no figure")
+        return None
+    one = [r for r in res["runs"] if r["threads"] == "1" and not r.get("error")]
+    names = [m for m in res["movies"] if any(r["movie"] == m for r in one)]
+    if not names:
+        return None
+    n_col = min(4, len(names))
+    n_row = -(-len(names) // n_col)
+    fig, axes = plt.subplots(
+        n_row, n_col, figsize=(4.2 * n_col, 3.4 * n_row), squeeze=False
+    )
+    bounds = res.get("bounds") or {}
+    for ax, movie in zip(axes.ravel(), names, strict=False):
+        rows = [r for r in one if r["movie"] == movie]
+        curve = sorted(
+            (
+                (peers.coverage_of(r["tool"]), r["mean_ms"], r["rms_px"])
+                for r in rows
+                if peers.coverage_of(r["tool"]) is not None
+            ),
+        )
+        if curve:
+            ax.plot(
+                [c[1] for c in curve],
+                [c[2] for c in curve],
+                "o-",
+                color="C0",
+                label="stagelock (coverage)",
+            )
+            for c, ms, rms in curve:
+                ax.annotate(
+                    f"{c:g}",
+                    (ms, rms),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+        for k, r in enumerate(r for r in rows if peers.coverage_of(r["tool"]) is None):
+            marker = "s" if r["tool"].startswith("stagelock") else "^"
+            ax.plot(
+                r["mean_ms"], r["rms_px"], marker, color=f"C{k + 1}", label=r["tool"]
+            )
+        b = bounds.get(movie)
+        if b:
+            ax.axhline(b["rms_px"], color="k", lw=0.8, ls="--", label="CRB")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(movie, fontsize=9)
+        ax.set_xlabel("ms/frame (1 thread)")
+        ax.set_ylabel("RMS px")
+        ax.grid(True, which="both", lw=0.3)
+    for ax in axes.ravel()[len(names) :]:
+        ax.axis("off")
+    handles, labels = axes.ravel()[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    log(f"[plot] {path}")
+    try:
+        return str(path.relative_to(HERE))
+    except ValueError:
+        return str(path)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -710,11 +811,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--movies", help="comma list of glob patterns on movie names")
     ap.add_argument("--threads", choices=["1", "default", "both"], default="both")
     ap.add_argument("--max-frames", type=int, default=0, help="truncate movies")
+    ap.add_argument(
+        "--no-sweep",
+        action="store_true",
+        help="skip the sign check and the pixel-locking sweep (and their movies)",
+    )
     ap.add_argument("--data-dir", type=Path, default=movies.default_data_dir())
     ap.add_argument("--json", type=Path, help="write all results (JSON) here")
     ap.add_argument("--md", type=Path, help="write the markdown tables here")
     ap.add_argument(
         "--render", type=Path, metavar="JSON", help="only print the tables of a JSON"
+    )
+    ap.add_argument(
+        "--plot",
+        type=Path,
+        default=HERE / "results" / "registration_tradeoff.png",
+        help="RMS vs ms/frame figure (stagelock's coverage curve, peers as points)",
     )
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
@@ -765,6 +877,8 @@ def main(argv: list[str] | None = None) -> int:
         f"[bench] {len(main_specs)} movies in {args.data_dir}; "
         f"tools {', '.join(tool_names)}"
     )
+    if args.no_sweep:
+        groups["check"], groups["sweep"] = [], []
     for spec in [*groups["check"], *main_specs, *groups["sweep"]]:
         movies.ensure(spec, args.data_dir, log=log)  # generate up front: not timed
     plan: Row = {
@@ -786,14 +900,14 @@ def main(argv: list[str] | None = None) -> int:
         one = spawn(
             plan
             | {
-                "check": asdict(groups["check"][0]),
+                "check": asdict(groups["check"][0]) if groups["check"] else None,
                 "sweep": [asdict(s) for s in groups["sweep"]],
                 "pc12": True,
             },
             "1",
         )
         res["runs"] += one["runs"]
-        for k in ("check", "check_movie", "sweep", "pc12"):
+        for k in ("check", "check_movie", "sweep", "pc12", "bounds"):
             if k in one:
                 res[k] = one[k]
     if args.threads in ("default", "both"):
@@ -816,6 +930,8 @@ def main(argv: list[str] | None = None) -> int:
             for t in tool_names
         },
     }
+    if args.plot:
+        res["plot"] = draw_tradeoff(res, args.plot)
     text = tables(res)
     print(text)
     if args.json:

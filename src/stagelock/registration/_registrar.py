@@ -10,17 +10,19 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from ._fullframe import FrameFit, FrameSolution, estimate_noise
 from ._match import IntegerMatch, match_in_window
 from ._subpixel import RegionFit, RegionStack
 from ._templates import select_regions
 from ._types import ShiftEstimate, Status
+from ._verify import overlap_agreement, overview, overview_factor
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
 __all__ = ["Registrar"]
 
-ReferenceStrategy = Literal["fixed", "keyframe"]
+ReferenceStrategy = Literal["fixed", "keyframe", "previous"]
 
 
 def as_image(array: npt.ArrayLike, name: str = "frame") -> npt.NDArray[Any]:
@@ -30,10 +32,14 @@ def as_image(array: npt.ArrayLike, name: str = "frame") -> npt.NDArray[Any]:
         raise ValueError(
             f"{name} must be a 2-D image (rows, columns); got shape {image.shape}"
         )
-    if image.dtype.kind not in "uif" or image.dtype == np.float16:
+    if image.dtype.kind not in "uif":
         raise ValueError(
-            f"{name} must be uint8, uint16, int or float32/64; got dtype {image.dtype}"
+            f"{name} must be uint8, uint16, int or float16/32/64; got dtype "
+            f"{image.dtype}"
         )
+    if image.dtype == np.float16:
+        # OpenCV has no float16 filters or matching: one float32 copy
+        image = image.astype(np.float32)
     if min(image.shape) < 16:
         raise ValueError(f"{name} is too small to register: shape {image.shape}")
     return image
@@ -53,6 +59,20 @@ class _Key:
     smalls: tuple[npt.NDArray[np.float32], ...]
     offset_row: float
     offset_col: float
+    frame_fit: FrameFit | None = None
+    overview: npt.NDArray[np.float32] | None = None
+
+
+MIN_AGREEMENT = 0.3
+"""Overlap agreement (:func:`._verify.overlap_agreement`) below which a shift
+found by the search is not reported ``ok``."""
+
+
+def region_coverage(
+    shape: tuple[int, int], n_regions: int, region_size_px: int
+) -> float:
+    """Fraction of a frame that ``n_regions`` square regions of that side cover."""
+    return min(1.0, n_regions * region_size_px**2 / float(shape[0] * shape[1]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,12 +124,15 @@ class Registrar:
     region_size_px : int, optional
         Side of each template region; default ~1/6 of the short image side
         (16..128 px).
-    reference_strategy : {"fixed", "keyframe"}
+    reference_strategy : {"fixed", "keyframe", "previous"}
         ``"fixed"``: always match against ``reference``. ``"keyframe"``: when the
         confidence of a good measurement falls below ``keyframe_below``, the frame
         becomes the new reference and later shifts are chained through it, so the
         reported shift stays relative to the original reference while the sample
-        changes over hours.
+        changes over hours. ``"previous"``: every measured frame becomes the
+        reference of the next (StackReg-style chaining; the errors of the links
+        add up as a random walk, so use it only when the sample changes from
+        frame to frame); shifts stay relative to ``reference``.
     min_confidence : float
         Below this, a found shift is reported as ``Status.LOW_CONFIDENCE``.
     keyframe_below : float
@@ -130,6 +153,19 @@ class Registrar:
         blur discards signal. ``"auto"`` (default) starts at 1 px and, on the
         first five good frames, also runs the unblurred fit, keeping it only if
         the scatter of the regions' estimates shows it clearly less noisy.
+    coverage : float, optional
+        Fraction of the frame used by the sub-pixel fit, 0 < coverage <= 1
+        (1.0: every pixel of the overlap). Up to what the regions cover
+        (``n_regions`` squares of ``region_size_px``), the regions shrink to that
+        fraction: faster, noisier. Above, the regions only capture and check the
+        shift and a noise-weighted, robust fit over the most informative bands
+        of tiles of the frame (:class:`~._fullframe.FrameFit`) gives the number:
+        slower, down to the Cramér-Rao bound of the covered pixels. Default
+        None: the regions alone at their default size (~1/6 of the short side,
+        <= 128 px: ~25 % of a 512² frame, 3.5 % of a 2048² one), today's speed.
+        Deterministic: the covered pixels depend on the reference only. Ignored
+        above the regions' share when ``roi`` is given (the regions then cover
+        the fraction they can inside it).
 
     Notes
     -----
@@ -188,15 +224,20 @@ class Registrar:
         saturation_level: float | None = None,
         max_saturated_fraction: float = 0.05,
         smooth_sigma_px: float | Literal["auto"] = "auto",
+        coverage: float | None = None,
     ) -> None:
         image = as_image(reference, "reference")
+        if coverage is not None and not (
+            isinstance(coverage, (int, float)) and 0 < coverage <= 1
+        ):
+            raise ValueError(f"coverage must be in (0, 1]; got {coverage!r}")
         if not max_shift_px > 0:
             raise ValueError(f"max_shift_px must be > 0; got {max_shift_px}")
         if n_regions < 1:
             raise ValueError(f"n_regions must be >= 1; got {n_regions}")
-        if reference_strategy not in ("fixed", "keyframe"):
+        if reference_strategy not in ("fixed", "keyframe", "previous"):
             raise ValueError(
-                "reference_strategy must be 'fixed' or 'keyframe'; "
+                "reference_strategy must be 'fixed', 'keyframe' or 'previous'; "
                 f"got {reference_strategy!r}"
             )
         height, width = image.shape
@@ -208,9 +249,21 @@ class Registrar:
                     f"{width}x{height} image and be at least 16x16 px"
                 )
             roi = (x, y, w, h)
-        size = region_size_px or default_region_size(
-            image.shape if roi is None else (roi[3], roi[2])
-        )
+        area_shape = image.shape if roi is None else (roi[3], roi[2])
+        size = region_size_px or default_region_size(area_shape)
+        share = region_coverage(area_shape, n_regions, size)
+        self.coverage = None if coverage is None else float(coverage)
+        # the whole-frame fit runs when the coverage asks for more than the
+        # regions hold; below, the regions shrink to the coverage
+        self._frame_coverage: float | None = None
+        if coverage is not None and region_size_px is None:
+            if coverage <= share:
+                pixels = coverage * area_shape[0] * area_shape[1] / n_regions
+                size = int(max(16, math.floor(math.sqrt(pixels) / 4) * 4))
+            elif roi is None:
+                self._frame_coverage = float(coverage)
+        elif coverage is not None and coverage > share and roi is None:
+            self._frame_coverage = float(coverage)
         if size < 8:
             raise ValueError(f"region_size_px must be >= 8; got {size}")
         self.shape: tuple[int, int] = (height, width)
@@ -277,7 +330,27 @@ class Registrar:
         if self.smooth_sigma_px == "auto" and not self._trial_done:
             # σ = 1 px until the trial shows the unblurred fit is clearly better
             self._trial = _Trial(RegionStack(ref32, keep, size, 0.0))
-        return _Key(stack, smalls, off_row, off_col)
+        return _Key(
+            stack,
+            smalls,
+            off_row,
+            off_col,
+            self._frame_fit(ref32),
+            overview(ref32, overview_factor(ref32.shape)),
+        )
+
+    def _frame_fit(self, ref32: npt.NDArray[np.float32]) -> FrameFit | None:
+        if self._frame_coverage is None:
+            return None
+        # the frame fit keeps the 1 px pre-filter under "auto": over every pixel
+        # of the frame the noise it removes from both images' gradients
+        # outweighs the signal it discards on all the bench's samples (beads
+        # included), and the exactly sampled kernel keeps it free of locking
+        sigma = 1.0 if self.smooth_sigma_px == "auto" else float(self.smooth_sigma_px)
+        noise = estimate_noise(ref32)
+        return FrameFit(
+            ref32, coverage=self._frame_coverage, smooth_sigma_px=sigma, noise=noise
+        )
 
     def _reduce(self, patch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         s = self._scale
@@ -380,7 +453,7 @@ class Registrar:
             self.reference_strategy == "keyframe"
             and estimate.status is Status.OK
             and estimate.confidence < self.keyframe_below
-        ):
+        ) or (self.reference_strategy == "previous" and estimate.status.has_shift):
             # re-anchor on this frame; its offset chains to the original reference
             try:
                 self._key = self._prepare(image, estimate.dy_px, estimate.dx_px)
@@ -409,16 +482,45 @@ class Registrar:
                 self._track = None
                 return ShiftEstimate.failed(start)
             solution = self._refine(frame, key.stack, start[0], start[1])
+            searched = True
+        else:
+            searched = False
         if solution is None:
             self._track = None
             return ShiftEstimate.failed(Status.NO_PEAK)
         confidence = solution.confidence
-        total_row = solution.d_row + key.offset_row
-        total_col = solution.d_col + key.offset_col
+        d_row, d_col = solution.d_row, solution.d_col
+        sigma = math.sqrt(max(0.5 * float(np.trace(solution.cov)), 0.0))
+        n_used = solution.n_inliers
+        trusted = confidence >= self.min_confidence
+        if key.frame_fit is not None:
+            fine = key.frame_fit.refine(frame, d_row, d_col)
+            if fine is None or not _agrees(fine, solution):
+                # the regions and the frame disagree: neither is trusted
+                trusted = False
+            else:
+                d_row, d_col, sigma, n_used = (
+                    fine.d_row,
+                    fine.d_col,
+                    fine.sigma_px,
+                    fine.n_tiles,
+                )
+        if searched and trusted and key.overview is not None:
+            # a fresh capture is checked against the rest of the overlap: few
+            # regions (small overlap) or a repeated motif can agree on a wrong
+            # shift, and then the overlap does not match
+            factor = overview_factor(frame.shape)
+            agreement = overlap_agreement(
+                key.overview, overview(frame, factor), d_row, d_col, factor
+            )
+            if not agreement >= MIN_AGREEMENT:
+                trusted = False
+        total_row = d_row + key.offset_row
+        total_col = d_col + key.offset_col
         if max(abs(total_row), abs(total_col)) > self.max_shift_px:
             self._track = None
             return ShiftEstimate.failed(Status.OUT_OF_RANGE, confidence)
-        if confidence >= self.min_confidence:
+        if trusted:
             status = Status.OK
             self._track = (solution.d_row, solution.d_col, solution.median_ncc)
             self._prior = (solution.d_row, solution.d_col)
@@ -427,10 +529,7 @@ class Registrar:
         else:
             status = Status.LOW_CONFIDENCE
             self._track = None
-        sigma = math.sqrt(max(0.5 * float(np.trace(solution.cov)), 0.0))
-        return ShiftEstimate(
-            total_col, total_row, confidence, status, solution.n_inliers, sigma
-        )
+        return ShiftEstimate(total_col, total_row, confidence, status, n_used, sigma)
 
     def _run_trial(
         self, frame: npt.NDArray[Any], key: _Key, solution: _Solution
@@ -475,7 +574,9 @@ class Registrar:
         ):
             self._sigma = 0.0
             smalls = tuple(self._reduce(p) for p in trial.stack.patches)
-            self._key = _Key(trial.stack, smalls, key.offset_row, key.offset_col)
+            self._key = _Key(
+                trial.stack, smalls, key.offset_row, key.offset_col, key.frame_fit
+            )
             self._track = None
 
     def _search(
@@ -582,6 +683,16 @@ class Registrar:
             if step > 3.0:
                 return None
         return solution
+
+
+def _agrees(fine: FrameSolution, coarse: _Solution) -> bool:
+    """Whether the frame fit confirms the regions' capture (within 0.5 px).
+
+    The frame fit starts from the regions' shift and is far more precise, so
+    only a gross disagreement (a wrong capture, most tiles rejected) counts.
+    """
+    dist = math.hypot(fine.d_row - coarse.d_row, fine.d_col - coarse.d_col)
+    return dist <= 0.5 and 2 * fine.n_tiles >= fine.n_valid
 
 
 def _median(values: npt.NDArray[np.float64]) -> float:

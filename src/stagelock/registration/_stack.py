@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = ["estimate_shifts", "iter_estimates", "shift_image"]
 
-ReferenceChoice = Literal["first", "mean", "keyframe"]
+ReferenceChoice = Literal["first", "mean", "keyframe", "previous"]
 
 
 def iter_estimates(
@@ -24,6 +24,7 @@ def iter_estimates(
     *,
     reference: ReferenceChoice | npt.ArrayLike = "first",
     n_mean: int = 10,
+    coverage: float | None = None,
     **options: object,
 ) -> Iterator[ShiftEstimate]:
     """Yield a :class:`ShiftEstimate` per frame, streaming.
@@ -36,12 +37,17 @@ def iter_estimates(
     ----------
     frames : iterable of 2-D arrays
         The frames, in order.
-    reference : {"first", "mean", "keyframe"} or ndarray
+    reference : {"first", "mean", "keyframe", "previous"} or ndarray
         ``"first"``: frame 0. ``"mean"``: the mean of the first ``n_mean`` frames.
         ``"keyframe"``: frame 0, re-anchored on later frames when the sample
-        changes (see :class:`Registrar`). An array: that image.
+        changes (see :class:`Registrar`). ``"previous"``: every frame measured
+        against the one before (StackReg-style chaining), shifts still relative
+        to frame 0. An array: that image.
     n_mean : int
         Frames averaged by ``reference="mean"``.
+    coverage : float, optional
+        Fraction of the frame used by the sub-pixel fit, 0 < coverage <= 1
+        (see :class:`Registrar`); default None: the template regions alone.
     **options
         Passed to :class:`Registrar` (``roi``, ``max_shift_px``, ...).
 
@@ -52,10 +58,13 @@ def iter_estimates(
         ``reference="first"``/``"keyframe"`` is exactly zero.
     """
     registrar: Registrar | None = None
+    if coverage is not None:
+        options = {**options, "coverage": coverage}
     if isinstance(reference, str):
-        if reference not in ("first", "mean", "keyframe"):
+        if reference not in ("first", "mean", "keyframe", "previous"):
             raise ValueError(
-                "reference must be 'first', 'mean', 'keyframe' or an image; "
+                "reference must be 'first', 'mean', 'keyframe', 'previous' or an "
+                "image; "
                 f"got {reference!r}"
             )
         if reference == "mean":
@@ -69,8 +78,8 @@ def iter_estimates(
             if not head:
                 return
             registrar = Registrar.from_frames(head, **options)
-        elif reference == "keyframe":
-            options = {**options, "reference_strategy": "keyframe"}
+        elif reference in ("keyframe", "previous"):
+            options = {**options, "reference_strategy": reference}
     else:
         registrar = Registrar(reference, **options)  # type: ignore[arg-type]
     for i, frame in enumerate(frames):
@@ -95,8 +104,10 @@ def estimate_shifts(
     stack : ndarray, shape (T, H, W), or iterable of 2-D frames
         The movie; not modified.
     **options
-        ``reference``, ``n_mean`` (see :func:`iter_estimates`) and the
-        :class:`Registrar` options (``roi``, ``max_shift_px``, ``n_regions``, ...).
+        ``reference``, ``n_mean``, ``coverage`` (see :func:`iter_estimates`) and
+        the :class:`Registrar` options (``roi``, ``max_shift_px``, ``n_regions``,
+        ...). ``coverage=1.0`` fits every pixel of the overlap: the most precise
+        and the slowest setting.
 
     Returns
     -------

@@ -1,0 +1,542 @@
+"""Noise-weighted, robust Gauss-Newton translation fit over a large part of the frame.
+
+The region engine (:mod:`._subpixel`) reads a few template windows: fast, but it
+uses a few per cent of the photons of a large frame. This module fits the same
+model, ``frame(x + d) = a_t * ref(x) + b_t`` with a gain and offset per tile ``t``,
+over every pixel of a chosen set of tile *bands* (full-width strips of tiles, the
+most informative first), so the covered fraction of the frame is a knob from a
+few bands to the whole overlap.
+
+Per iteration the frame is resampled once, by the same exactly sampled
+shift kernel as the regions (a Gaussian pre-filter fused with the sub-pixel
+shift, or Lanczos-4), so there is no pixel locking; every other operation is an
+element-wise product and a sum per tile, both memory-bound.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from ._subpixel import (
+    KERNEL_RADIUS,
+    gaussian_shift_kernel,
+    shift_kernel,
+)
+
+__all__ = [
+    "FrameFit",
+    "FrameSolution",
+    "NoiseModel",
+    "estimate_noise",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class NoiseModel:
+    """Per-pixel noise variance ``alpha * mean + beta`` (image units squared).
+
+    Attributes
+    ----------
+    alpha : float
+        Shot-noise slope: variance per unit of mean intensity (1 / gain for a
+        camera in ADU, after the offset is absorbed in ``beta``).
+    beta : float
+        Variance at zero mean: read noise, minus ``alpha`` times the offset.
+    floor : float
+        Smallest variance returned (the darkest pixels' read noise).
+    """
+
+    alpha: float
+    beta: float
+    floor: float = 1e-12
+
+    def variance(self, mean: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Return the expected variance of pixels whose noiseless value is ``mean``."""
+        out = np.maximum(self.alpha * mean + self.beta, max(self.floor, 1e-30))
+        return np.asarray(out, dtype=np.float32)
+
+
+def estimate_noise(image: npt.NDArray[np.float32]) -> NoiseModel:
+    """Fit a Poisson + read noise model to one image from its own pixels.
+
+    A 4-neighbour high-pass of white noise of variance ``v`` has variance
+    ``1.25 v``; its median square, per bin of local mean, is robust to the
+    structure that also leaks through. A line through the bins gives the
+    shot-noise slope and the read-noise intercept (a sCMOS/EMCCD camera:
+    variance = signal / gain + read noise²).
+
+    Parameters
+    ----------
+    image : ndarray of float32, shape (H, W)
+
+    Returns
+    -------
+    NoiseModel
+        Floored at 1e-6 of the image's squared range, so a noiseless image gets
+        uniform, finite weights.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    centre = img[1:-1, 1:-1]
+    neigh = 0.25 * (img[:-2, 1:-1] + img[2:, 1:-1] + img[1:-1, :-2] + img[1:-1, 2:])
+    high = (centre - neigh).ravel()
+    mean = cv2.blur(img, (5, 5))[1:-1, 1:-1].ravel()
+    step = max(1, high.size // 200_000)  # a deterministic sparse sample
+    high, mean = high[::step], mean[::step]
+    lo, hi = np.percentile(img[:: max(1, img.shape[0] // 256)], [1.0, 99.0])
+    floor = 1e-6 * float(hi - lo) ** 2 + 1e-12
+    edges = np.quantile(mean, np.linspace(0.0, 1.0, 9))
+    xs, ys = [], []
+    for a, b in itertools.pairwise(edges):
+        sel = (mean >= a) & (mean <= b)
+        if np.count_nonzero(sel) < 50:
+            continue
+        xs.append(float(np.median(mean[sel])))
+        # median of chi2(1) is 0.455; 1.25: the high-pass gain on white noise
+        ys.append(float(np.median(high[sel] ** 2)) / 0.455 / 1.25)
+    if len(xs) < 2:
+        v = max(float(np.median(high**2)) / 0.57, floor)
+        return NoiseModel(0.0, v, v)
+    x, y = np.array(xs), np.array(ys)
+    slope, intercept = np.polyfit(x, y, 1)
+    slope = max(float(slope), 0.0)
+    beta = float(np.median(y - slope * x)) if slope == 0.0 else float(intercept)
+    # the darkest bin bounds the variance from below (read noise)
+    floor = max(floor, 0.5 * float(y.min()))
+    return NoiseModel(slope, beta, floor)
+
+
+def _shift_kernel(frac: float, sigma: float) -> npt.NDArray[np.float64]:
+    if sigma > 0:
+        return gaussian_shift_kernel(frac, sigma).astype(np.float64)
+    return shift_kernel(frac).astype(np.float64)
+
+
+def _kernels(sigma: float) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Return the resampling kernel at frac 0 and its derivative in frac.
+
+    The derivative of the very kernel the frames are resampled with is the
+    gradient the linearisation needs: a central difference under-reads the
+    high frequencies of a sharp image, so each Gauss-Newton step overshoots
+    (by ~30 % unblurred) and needs extra resamplings of the frame.
+    """
+    h = 1e-4
+    deriv = (_shift_kernel(h, sigma) - _shift_kernel(-h, sigma)) / (2 * h)
+    return _shift_kernel(0.0, sigma), deriv
+
+
+def _noise_gains(sigma: float) -> tuple[float, float]:
+    """Noise gains (2-D sums of squares) of the template and of its gradient."""
+    k0, dk = _kernels(sigma)
+    k2 = float(np.sum(k0**2))
+    return k2 * k2, float(np.sum(dk**2)) * k2
+
+
+def _filtered(
+    image: npt.NDArray[np.float32],
+    k_row: npt.NDArray[np.float64],
+    k_col: npt.NDArray[np.float64],
+    reach: int,
+) -> npt.NDArray[np.float32]:
+    """``image`` resampled at zero shift by separable taps ``k_row`` x ``k_col``.
+
+    Same alignment as the frames' resampling (tap ``j`` reads ``x - reach + j``);
+    borders mirrored.
+    """
+    n = len(k_row)
+    pad = cv2.copyMakeBorder(
+        image, reach, n - 1 - reach, reach, n - 1 - reach, cv2.BORDER_REFLECT_101
+    )
+    tmp = cv2.filter2D(
+        pad, cv2.CV_32F, k_col.reshape(1, -1).astype(np.float32), anchor=(0, 0)
+    )
+    out = cv2.filter2D(
+        tmp, cv2.CV_32F, k_row.reshape(-1, 1).astype(np.float32), anchor=(0, 0)
+    )
+    return np.ascontiguousarray(out[: image.shape[0], : image.shape[1]])
+
+
+def _reach(sigma: float) -> int:
+    return math.ceil(3.5 * sigma) if sigma > 0 else KERNEL_RADIUS - 1
+
+
+def _template_and_gradients(
+    image: npt.NDArray[np.float32], sigma: float
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Template, d/dx and d/dy, all from the frames' own resampling kernel."""
+    k0, dk = _kernels(sigma)
+    reach = _reach(sigma)
+    return (
+        _filtered(image, k0, k0, reach),
+        _filtered(image, k0, dk, reach),
+        _filtered(image, dk, k0, reach),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class FrameSolution:
+    """Outcome of a whole-frame fit.
+
+    Attributes
+    ----------
+    d_row, d_col : float
+        Displacement of the frame's content (px) relative to the reference.
+    cov : ndarray, shape (2, 2)
+        Covariance of (d_row, d_col), px².
+    n_tiles : int
+        Tiles used in the final step.
+    n_valid : int
+        Tiles inside the overlap before the robust rejection.
+    converged : bool
+        The last step moved less than 1e-3 px (or a fraction of σ).
+    """
+
+    d_row: float
+    d_col: float
+    cov: npt.NDArray[np.float64]
+    n_tiles: int
+    n_valid: int
+    converged: bool
+
+    @property
+    def sigma_px(self) -> float:
+        """1-σ uncertainty per axis (px)."""
+        return math.sqrt(max(0.5 * float(self.cov[0, 0] + self.cov[1, 1]), 0.0))
+
+
+class FrameFit:
+    """A reference prepared for the whole-frame fit over a fraction of its tiles.
+
+    Parameters
+    ----------
+    reference : ndarray of float32, shape (H, W)
+    coverage : float
+        0 < coverage <= 1: fraction of the tile grid's bands used, the most
+        informative first (Fisher information of the band, from the reference).
+        1.0 uses every tile of the overlap.
+    smooth_sigma_px : float
+        The Gaussian pre-filter fused into the resampling kernel (0: Lanczos-4).
+    tile_px : int, optional
+        Side of the tiles that carry a gain and an offset each and are rejected
+        as a whole when they do not follow the shift (debris, a bleached patch).
+        Default 32 px.
+    noise : NoiseModel, optional
+        Default: estimated from the reference (:func:`estimate_noise`).
+
+    Notes
+    -----
+    Each tile's pixels are weighted by the inverse of their expected noise
+    variance (shot + read noise of the frame and of the reference), which makes
+    the fit the maximum-likelihood estimate under Gaussian noise and brings it
+    to the Cramér-Rao bound of the covered pixels (Robinson & Milanfar [1]_).
+    The normal matrix is the reference's (inverse compositional, Baker &
+    Matthews [2]_) minus the expected energy of the reference's own noise in the
+    template and its gradients (bias-compensated least squares): with a noisy
+    reference, the plain normal matrix overstates the gradient energy, so every
+    Gauss-Newton step would fall short by the signal fraction of that energy.
+
+    Robustness: a tile is dropped when its weighted residual exceeds 4x the
+    median tile's (something there does not follow the shift: debris, a
+    saturated blob) or when its own shift is more than 4σ from the fused one.
+
+    Not thread-safe (one work buffer).
+
+    References
+    ----------
+    .. [1] D. Robinson and P. Milanfar, "Fundamental performance limits in image
+       registration", IEEE Trans. Image Process. 13(9), 1185-1199 (2004),
+       :doi:`10.1109/TIP.2004.832923`.
+    .. [2] S. Baker and I. Matthews, "Lucas-Kanade 20 years on: a unifying
+       framework", IJCV 56(3), 221-255 (2004),
+       :doi:`10.1023/B:VISI.0000011205.11775.fd`.
+    """
+
+    def __init__(
+        self,
+        reference: npt.NDArray[Any],
+        *,
+        coverage: float,
+        smooth_sigma_px: float,
+        tile_px: int | None = None,
+        noise: NoiseModel | None = None,
+    ) -> None:
+        if not 0 < coverage <= 1:
+            raise ValueError(f"coverage must be in (0, 1]; got {coverage}")
+        ref = np.asarray(reference, dtype=np.float32)
+        self.reference = ref
+        # Gauss-Newton step efficiency, learnt by refine() (see there)
+        self.eta = 1.0
+        height, width = ref.shape
+        s = tile_px or 32
+        s = int(min(s, height, width))
+        self.shape = (height, width)
+        self.tile_px = s
+        self.coverage = float(coverage)
+        self.sigma = float(smooth_sigma_px)
+        n_ty, n_tx = height // s, width // s
+        self.origin = ((height - n_ty * s) // 2, (width - n_tx * s) // 2)
+        self.n_ty, self.n_tx = n_ty, n_tx
+        r0, c0 = self.origin
+        rows, cols = n_ty * s, n_tx * s
+        c_t, c_g = _noise_gains(self.sigma)
+        self.reach = _reach(self.sigma)
+        full_t, full_gx, full_gy = _template_and_gradients(ref, self.sigma)
+        grid = (slice(r0, r0 + rows), slice(c0, c0 + cols))
+        templ, grad_x, grad_y = full_t[grid], full_gx[grid], full_gy[grid]
+        self.noise = noise or estimate_noise(ref)
+        var_raw = self.noise.variance(templ)
+        # frame noise + reference noise; the blur's per-pixel variance reduction
+        # is left out on purpose: it does not reduce the noise the smooth basis
+        # projects onto (low frequencies pass the blur), and the spread of the
+        # tiles' shifts calibrates the covariance anyway
+        weight = (1.0 / (2.0 * var_raw)).astype(np.float32)
+        grad_x = np.ascontiguousarray(grad_x)
+        grad_y = np.ascontiguousarray(grad_y)
+        tile_mean = self._tile_sum(weight * templ) / self._tile_sum(weight)
+        centred = (
+            templ.reshape(n_ty, s, n_tx, s)
+            - tile_mean.astype(np.float32)[:, None, :, None]
+        )
+        templ_c = np.ascontiguousarray(centred.reshape(rows, cols))
+        # per-tile weighted normal matrices of the basis (T, Gx, Gy, 1)
+        basis = (templ_c, grad_x, grad_y, None)
+        normal = np.empty((n_ty, n_tx, 4, 4))
+        for i, bi in enumerate(basis):
+            for j in range(i, 4):
+                bj = basis[j]
+                prod = weight if bi is None else weight * bi
+                if bj is not None:
+                    prod = prod * bj
+                normal[:, :, i, j] = normal[:, :, j, i] = self._tile_sum(prod)
+        # bias compensation: the reference's noise energy in T, Gx, Gy
+        ref_var = self._tile_sum(weight * var_raw)
+        shrink = np.minimum(
+            c_g * ref_var, 0.7 * np.minimum(normal[..., 1, 1], normal[..., 2, 2])
+        )
+        normal[..., 0, 0] -= np.minimum(c_t * ref_var, 0.7 * normal[..., 0, 0])
+        normal[..., 1, 1] -= shrink
+        normal[..., 2, 2] -= shrink
+        self.normal_inv = np.linalg.pinv(normal)
+        # information about (row, col) per tile, at unit gain: the Schur
+        # complement of the (T, 1) block
+        info = np.linalg.inv(self.normal_inv[..., 1:3, 1:3])  # cols: x, y
+        self._info_tile = info
+        score = np.linalg.eigvalsh(info)[..., 0]
+        band_score = score.sum(axis=1)
+        n_bands = max(1, math.ceil(self.coverage * n_ty - 1e-9))
+        order = np.argsort(-band_score, kind="stable")
+        self.bands = np.sort(order[:n_bands])
+        self.basis_w = np.empty((4, rows, cols), dtype=np.float32)
+        for q, comp in enumerate((templ_c, grad_x, grad_y)):
+            np.multiply(weight, comp, out=self.basis_w[q])
+        self.basis_w[3] = weight
+        self._rows = np.empty((5, cols), dtype=np.float32)
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _tile_sum(self, image: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+        """Sum over each tile of a grid-shaped image -> (n_ty, n_tx)."""
+        s = self.tile_px
+        a = np.asarray(image, dtype=np.float32)
+        band = a.reshape(a.shape[0] // s, s, a.shape[1]).sum(axis=1, dtype=np.float64)
+        return np.asarray(band.reshape(band.shape[0], -1, s).sum(axis=2))
+
+    def _kernel(self, frac: float) -> npt.NDArray[np.float32]:
+        if self.sigma > 0:
+            return gaussian_shift_kernel(frac, self.sigma)
+        return shift_kernel(frac)
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the frame's pixels inside the used bands."""
+        s = self.tile_px
+        used = len(self.bands) * s * self.n_tx * s
+        return float(used / (self.shape[0] * self.shape[1]))
+
+    # -- fitting ------------------------------------------------------------------
+
+    def _sums(
+        self, frame: npt.NDArray[Any], d_row: float, d_col: float
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+        """Per-tile weighted sums (T I, Gx I, Gy I, I, I²) at displacement d."""
+        s, reach = self.tile_px, self.reach
+        height, width = frame.shape
+        r0, c0 = self.origin
+        n_row, n_col = math.floor(d_row), math.floor(d_col)
+        k_len = 2 * reach + 2 if self.sigma > 0 else 2 * KERNEL_RADIUS
+        # tiles whose source (plus the kernel's reach) lies inside the frame
+        ty_lo = max(0, math.ceil((reach - r0 - n_row) / s))
+        ty_hi = min(self.n_ty, (height - k_len + reach + 1 - r0 - n_row) // s)
+        tx_lo = max(0, math.ceil((reach - c0 - n_col) / s))
+        tx_hi = min(self.n_tx, (width - k_len + reach + 1 - c0 - n_col) // s)
+        sums = np.zeros((self.n_ty, self.n_tx, 5))
+        valid = np.zeros((self.n_ty, self.n_tx), dtype=bool)
+        if ty_hi <= ty_lo or tx_hi <= tx_lo:
+            return sums, valid
+        k_col = self._kernel(d_col - n_col).reshape(1, -1)
+        k_row = self._kernel(d_row - n_row).reshape(-1, 1)
+        ca, cb = tx_lo * s, tx_hi * s
+        n_t = tx_hi - tx_lo
+        src_c0 = c0 + ca + n_col - reach
+        src_c1 = src_c0 + (cb - ca) + k_len - 1
+        sums_rows = self._rows
+
+        def prod_w(ra: int, ca: int, cb: int) -> npt.NDArray[np.float32]:
+            return self.basis_w[3, ra : ra + s, ca:cb]
+
+        for band in self.bands:
+            if not ty_lo <= band < ty_hi:
+                continue
+            # one band at a time: its products stay in the CPU cache
+            ra = int(band) * s
+            src_r0 = r0 + ra + n_row - reach
+            window = np.asarray(
+                frame[src_r0 : src_r0 + s + k_len - 1, src_c0:src_c1],
+                dtype=np.float32,
+            )
+            # row pass then column pass; anchor 0: out[i] reads window[i:i+k]
+            tmp = cv2.filter2D(window, cv2.CV_32F, k_col, anchor=(0, 0))
+            tmp = cv2.filter2D(tmp, cv2.CV_32F, k_row, anchor=(0, 0))
+            img = tmp[:s, : cb - ca]
+            # the weighted basis (T, Gx, Gy, 1) times the frame, and the energy,
+            # summed down the band's rows in one pass (no product array)
+            cols = sums_rows[:, : cb - ca]
+            np.einsum(
+                "qrc,rc->qc", self.basis_w[:, ra : ra + s, ca:cb], img, out=cols[:4]
+            )
+            np.einsum("rc,rc->c", prod_w(ra, ca, cb) * img, img, out=cols[4])
+            sums[band, tx_lo:tx_hi] = cols.reshape(5, n_t, s).sum(axis=-1).T
+            valid[band, tx_lo:tx_hi] = True
+        return sums, valid
+
+    def step(
+        self, frame: npt.NDArray[Any], d_row: float, d_col: float
+    ) -> tuple[float, float, npt.NDArray[np.float64], int, int] | None:
+        """One robust Gauss-Newton step from ``d``: (d_row, d_col, cov, used, valid)."""
+        sums, valid = self._sums(frame, d_row, d_col)
+        coef = np.einsum("abij,abj->abi", self.normal_inv, sums[..., :4])
+        gain = coef[..., 0]
+        resid = sums[..., 4] - np.einsum("abi,abi->ab", coef, sums[..., :4])
+        ok = valid & (gain > 1e-6)
+        n_valid = int(np.count_nonzero(ok))
+        if n_valid == 0:
+            return None
+        s2 = self.tile_px * self.tile_px
+        chi = resid / max(s2 - 4, 1)
+        scale = float(np.median(chi[ok]))
+        if scale > 0:
+            # something that does not follow the shift (debris, a blob)
+            ok &= chi <= 6.0 * scale
+        safe = np.where(ok, gain, 1.0)
+        # per-tile shift (x, y) and its information (gain² × Schur complement)
+        dx_t = coef[..., 1] / safe
+        dy_t = coef[..., 2] / safe
+        info = self._info_tile * (safe * safe)[..., None, None]
+        dx_f = dy_f = 0.0
+        cov = np.full((2, 2), np.inf)
+        used = ok
+        spread = 1.0
+        for _ in range(4):
+            n_used = int(np.count_nonzero(used))
+            if n_used == 0:
+                return None
+            inf = info[used]
+            vx, vy = dx_t[used], dy_t[used]
+            a = inf.sum(axis=0)
+            rhs = np.array(
+                [
+                    float(inf[:, 0, 0] @ vx + inf[:, 0, 1] @ vy),
+                    float(inf[:, 1, 0] @ vx + inf[:, 1, 1] @ vy),
+                ]
+            )
+            cov = np.linalg.inv(a)
+            dx_f, dy_f = (cov @ rhs).tolist()
+            # Mahalanobis distance of every tile's shift from the fused one,
+            # calibrated by its median (1.386 for two degrees of freedom): the
+            # model's noise is only a guide (correlated noise, the reference's
+            # own noise), the tiles' scatter is the measurement
+            ex, ey = dx_t - dx_f, dy_t - dy_f
+            dist2 = (
+                ex * ex * info[..., 0, 0]
+                + 2.0 * ex * ey * info[..., 0, 1]
+                + ey * ey * info[..., 1, 1]
+            )
+            spread = max(float(np.median(dist2[used])) / 1.386, 1e-6)
+            new = ok & (dist2 <= 16.0 * spread) & (np.hypot(ex, ey) <= 1.0)
+            if np.array_equal(new, used):
+                break
+            used = new
+        cov = cov * spread
+        # inverse composition: T(x + Δ) ~ I(x + d)  =>  d <- d - Δ; cov in (row, col)
+        cov_rc = np.array([[cov[1, 1], cov[0, 1]], [cov[0, 1], cov[0, 0]]])
+        return (
+            d_row - dy_f,
+            d_col - dx_f,
+            cov_rc,
+            int(np.count_nonzero(used)),
+            n_valid,
+        )
+
+    def refine(
+        self,
+        frame: npt.NDArray[Any],
+        d_row: float,
+        d_col: float,
+        *,
+        max_iter: int = 4,
+    ) -> FrameSolution | None:
+        """Iterate :meth:`step` from ``d`` until the move is below 1e-3 px.
+
+        Parameters
+        ----------
+        frame : ndarray, shape (H, W)
+            Any real dtype; only the used bands are read.
+        d_row, d_col : float
+            Starting displacement (from the region engine), within ~1 px.
+        max_iter : int
+            Maximum number of resamplings of the frame.
+
+        Returns
+        -------
+        FrameSolution or None
+            None when no tile lies in the overlap or the fit diverges (> 2 px).
+        """
+        start = (d_row, d_col)
+        out: FrameSolution | None = None
+        prev: tuple[float, float, float] | None = None  # plain step, its gain
+        for _ in range(max_iter):
+            res = self.step(frame, d_row, d_col)
+            if res is None:
+                return None
+            new_row, new_col, cov, used, n_valid = res
+            plain_r, plain_c = new_row - d_row, new_col - d_col
+            sigma = math.sqrt(max(0.5 * float(cov[0, 0] + cov[1, 1]), 0.0))
+            if prev is not None:
+                norm2 = prev[0] ** 2 + prev[1] ** 2
+                if norm2 > max(2e-3, 5.0 * sigma) ** 2:
+                    # plain_k+1 = (1 - g_k η) plain_k: the step efficiency η left
+                    # by an imperfect noise compensation, learnt across frames
+                    ratio = (plain_r * prev[0] + plain_c * prev[1]) / norm2
+                    eta = (1.0 - ratio) / prev[2]
+                    if 0.2 < eta < 1.5:
+                        self.eta = 0.6 * self.eta + 0.4 * eta
+            gain = min(1.0 / self.eta, 3.0)
+            move_r, move_c = gain * plain_r, gain * plain_c
+            d_row += move_r
+            d_col += move_c
+            prev = (plain_r, plain_c, gain)
+            if max(abs(d_row - start[0]), abs(d_col - start[1])) > 2.0:
+                return None
+            move = max(abs(move_r), abs(move_c))
+            out = FrameSolution(
+                d_row, d_col, cov, used, n_valid, move < max(1e-3, 0.25 * sigma)
+            )
+            if out.converged:
+                break
+        return out

@@ -1,0 +1,156 @@
+"""The coverage knob, float16 input, reference chaining and the time budget."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from stagelock import Registrar, estimate_shifts, iter_estimates
+from stagelock.registration import coverage_for_interval, shift_crlb
+from stagelock.registration._budget import estimated_ms
+from stagelock.registration._fullframe import FrameFit, estimate_noise
+from stagelock.synthetic import CameraNoise, fourier_shift, sample_image
+
+SHAPE = (192, 192)
+PEAK = 500.0
+
+
+@pytest.fixture(scope="module")
+def base() -> np.ndarray:
+    return sample_image(SHAPE).astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def movie(base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(11)
+    noise = CameraNoise(peak_photons=PEAK)
+    steps = rng.normal(0.0, 0.5, (12, 2))
+    steps[0] = 0.0
+    truth = np.cumsum(steps, axis=0)
+    frames = np.stack([noise.expose(fourier_shift(base, *d), rng) for d in truth])
+    return frames, truth
+
+
+@pytest.mark.parametrize("coverage", [0.02, 0.1, 0.5, 1.0])
+def test_every_coverage_recovers_the_drift(
+    movie: tuple[np.ndarray, np.ndarray], coverage: float
+) -> None:
+    frames, truth = movie
+    est = estimate_shifts(frames, coverage=coverage, max_shift_px=10)
+    assert_allclose(est[0], 0.0, atol=0)
+    assert np.all(np.hypot(*(est - truth).T) < 0.1)
+
+
+def test_full_coverage_is_more_precise_and_near_the_bound(
+    base: np.ndarray, movie: tuple[np.ndarray, np.ndarray]
+) -> None:
+    frames, truth = movie
+    default = estimate_shifts(frames, max_shift_px=10)
+    full = estimate_shifts(frames, max_shift_px=10, coverage=1.0)
+    rms = {
+        k: float(np.sqrt(np.mean(np.sum((v[1:] - truth[1:]) ** 2, axis=1))))
+        for k, v in (("default", default), ("full", full))
+    }
+    noise = CameraNoise(peak_photons=PEAK)
+    electrons = base * PEAK + noise.background_photons
+    var = (electrons + noise.read_noise_e**2) / noise.gain_e_per_adu**2
+    bound = shift_crlb(electrons / noise.gain_e_per_adu, var, reference_variance=var)
+    assert rms["full"] < rms["default"]
+    # 11 frames and one reference: a loose factor, the bench measures it properly
+    assert rms["full"] < 3.0 * bound.rms_px
+
+
+def test_coverage_is_deterministic(movie: tuple[np.ndarray, np.ndarray]) -> None:
+    frames, _ = movie
+    a = estimate_shifts(frames[:4], coverage=0.6)
+    b = estimate_shifts(frames[:4], coverage=0.6)
+    assert np.array_equal(a, b)
+
+
+def test_small_coverage_shrinks_the_regions(base: np.ndarray) -> None:
+    default = Registrar(base)
+    small = Registrar(base, coverage=0.02)
+    assert small.region_size_px < default.region_size_px
+    assert small.region_size_px >= 16
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, math.nan])
+def test_coverage_out_of_range(base: np.ndarray, bad: float) -> None:
+    with pytest.raises(ValueError, match="coverage"):
+        Registrar(base, coverage=bad)
+
+
+def test_frame_fit_bands_follow_the_coverage(base: np.ndarray) -> None:
+    ref = base.astype(np.float32)
+    fits = [FrameFit(ref, coverage=c, smooth_sigma_px=1.0) for c in (0.25, 0.5, 1.0)]
+    fractions = [f.fraction for f in fits]
+    assert fractions == sorted(fractions)
+    assert fractions[-1] == pytest.approx(1.0, abs=0.2)
+
+
+def test_frame_fit_ignores_debris(base: np.ndarray) -> None:
+    rng = np.random.default_rng(2)
+    noise = CameraNoise(peak_photons=PEAK)
+    ref = noise.expose(base, rng)
+    clean = fourier_shift(base, 1.3, -0.7)
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    blob = 2.0 * np.exp(-((yy - 60.0) ** 2 + (xx - 120.0) ** 2) / (2 * 12.0**2))
+    frame = noise.expose(clean + blob, rng)
+    est = Registrar(ref, coverage=1.0, max_shift_px=10).measure(frame)
+    assert est.ok
+    assert_allclose([est.dx_px, est.dy_px], [1.3, -0.7], atol=0.05)
+
+
+def test_noise_model_follows_the_camera(base: np.ndarray) -> None:
+    noise = CameraNoise(peak_photons=2000.0, background_photons=20.0)
+    frame = noise.expose(base, np.random.default_rng(4)).astype(np.float32)
+    model = estimate_noise(frame)
+    # ADU variance = (ADU - offset) / gain + read² / gain²: slope 1 / 0.46
+    assert model.alpha == pytest.approx(1 / noise.gain_e_per_adu, rel=0.35)
+
+
+def test_float16_is_accepted(base: np.ndarray) -> None:
+    ref = base.astype(np.float16)
+    frame = fourier_shift(base, 2.4, -1.3).astype(np.float16)
+    est = Registrar(ref, max_shift_px=10).measure(frame)
+    assert est.ok
+    assert_allclose([est.dx_px, est.dy_px], [2.4, -1.3], atol=0.05)
+    assert ref.dtype == np.float16  # not converted in place
+
+
+def test_reference_previous_chains_to_frame_zero(
+    movie: tuple[np.ndarray, np.ndarray],
+) -> None:
+    frames, truth = movie
+    est = list(iter_estimates(frames, reference="previous", max_shift_px=10))
+    got = np.array([(e.dx_px, e.dy_px) for e in est])
+    assert got[0].tolist() == [0.0, 0.0]
+    # chained errors add up as a random walk: looser than against frame 0
+    assert np.all(np.hypot(*(got - truth).T) < 0.15)
+    assert all(e.ok for e in est)
+
+
+def test_reference_choice_is_validated(movie: tuple[np.ndarray, np.ndarray]) -> None:
+    frames, _ = movie
+    with pytest.raises(ValueError, match="previous"):
+        list(iter_estimates(frames, reference="last"))  # type: ignore[arg-type]
+
+
+def test_coverage_for_interval() -> None:
+    fast = coverage_for_interval((2048, 2048), 0.02)
+    slow = coverage_for_interval((2048, 2048), 2.0)
+    assert 0 < fast < slow <= 1.0
+    assert coverage_for_interval((512, 512), 1.0) == 1.0
+    tiny = coverage_for_interval((512, 512), 0.001)
+    assert 0 < tiny < 0.25
+    for c in (fast, slow, tiny):
+        assert estimated_ms((2048, 2048), c) > 0
+    # within budget by the cost model
+    assert estimated_ms((2048, 2048), slow) <= 0.3 * 2000.0 + 1e-9
+    with pytest.raises(ValueError, match="interval_s"):
+        coverage_for_interval((512, 512), 0.0)
+    with pytest.raises(ValueError, match="budget_fraction"):
+        coverage_for_interval((512, 512), 1.0, budget_fraction=0.0)
