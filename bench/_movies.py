@@ -315,7 +315,7 @@ def frame0_bound(spec: MovieSpec) -> dict[str, float] | None:
     ``{"rms_px", "sigma_x_px", "sigma_y_px"}`` or None for noiseless movies.
     """
     from stagelock.registration import camera_variance, shift_crlb
-    from stagelock.synthetic import CameraNoise
+    from stagelock.sim import CameraNoise
 
     if spec.level not in LEVELS:
         return None

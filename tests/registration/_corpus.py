@@ -13,7 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from stagelock.synthetic import CameraNoise, fourier_shift, sample_image
+from stagelock.sim import CameraNoise, fourier_shift, sample_image
 
 RIGHT_PX = 0.5
 

@@ -12,7 +12,7 @@ from stagelock import Registrar, estimate_shifts, iter_estimates
 from stagelock.registration import coverage_for_interval, shift_crlb
 from stagelock.registration._budget import estimated_ms
 from stagelock.registration._fullframe import FrameFit, estimate_noise
-from stagelock.synthetic import CameraNoise, fourier_shift, sample_image
+from stagelock.sim import CameraNoise, fourier_shift, sample_image
 
 SHAPE = (192, 192)
 PEAK = 500.0
