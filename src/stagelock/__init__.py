@@ -7,6 +7,7 @@ it, and optionally feed it back to the motorised stage.
 from importlib.metadata import PackageNotFoundError, version
 
 from ._attach import AttachHandle, FrameShift, attach
+from .batch import register_many
 from .registration import (
     Registrar,
     ShiftEstimate,
@@ -35,5 +36,6 @@ __all__ = [
     "attach",
     "estimate_shifts",
     "iter_estimates",
+    "register_many",
     "shift_image",
 ]

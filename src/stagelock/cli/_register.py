@@ -83,10 +83,34 @@ def _check_outputs(input_path: Path, output: Path | None, shifts_csv: Path) -> N
         _check_writable(path, flag)
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}")
+    return value
+
+
 def _run(args: argparse.Namespace) -> int:
     from stagelock.stacks import register_file
 
-    input_path = Path(args.input)
+    if (
+        args.out_dir is not None
+        or len(args.input) > 1
+        or args.workers is not None
+        or args.scheduler is not None
+    ):
+        return _run_many(args)
+    input_path = Path(args.input[0])
     output = Path(args.output) if args.output else None
     shifts_csv = (
         Path(args.shifts) if args.shifts else input_path.with_suffix(".shifts.csv")
@@ -138,6 +162,58 @@ def _check_example_target(path: Path) -> None:
     path.resolve().parent.mkdir(parents=True, exist_ok=True)
 
 
+def _run_many(args: argparse.Namespace) -> int:
+    """Many inputs (or a cluster): ``OUT_DIR/<stem>.shifts.csv`` per input.
+
+    Exit status: 0 every input complete; 1 some input had no measurable frame;
+    2 a bad command line or an input that could not be registered (each named
+    on stderr; the other inputs are still complete).
+    """
+    import sys
+
+    from rich.console import Console
+
+    from stagelock.batch import register_many, summary_table
+
+    if args.out_dir is None:
+        raise CliError("several inputs, --workers and --scheduler need --out-dir DIR")
+    for flag, value in (("-o/--output", args.output), ("--shifts", args.shifts)):
+        if value:
+            raise CliError(f"{flag} names one file; with --out-dir use --aligned")
+    if args.example:
+        raise CliError("--example writes one stack: give one INPUT and no --out-dir")
+    if args.workers is not None and args.scheduler is not None:
+        raise CliError("give --workers N or --scheduler ADDR, not both")
+    try:
+        summaries = register_many(
+            args.input,
+            Path(args.out_dir),
+            workers=args.workers,
+            scheduler=args.scheduler,
+            memory_limit=args.memory_limit,
+            aligned=args.aligned,
+            overwrite=args.overwrite,
+            chunk_frames=args.chunk_frames,
+            reference=args.reference,
+            channel=args.channel,
+            roi=args.roi,
+            max_shift_px=args.max_shift_px,
+            progress=False if args.no_progress else None,
+        )
+    except (ValueError, OSError) as exc:
+        raise CliError(str(exc)) from None
+    Console(soft_wrap=True).print(summary_table(summaries))
+    failed = [s for s in summaries if s.outcome == "failed"]
+    for s in failed:
+        print(f"stagelock register: error: {s.path}: {s.error}", file=sys.stderr)
+    done = len(summaries) - len(failed)
+    print(f"{done} of {len(summaries)} inputs complete in {args.out_dir}")
+    if failed:
+        return 2
+    # as for one input: 1 when an input has no frame with a measured shift
+    return 1 if any(math.isnan(s.max_shift_px) for s in summaries) else 0
+
+
 def _make_example(path: Path) -> Path:
     """Write the bundled example stack (a drifting real sample) to ``path``."""
     import tifffile
@@ -173,7 +249,13 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         ),
     )
     p.add_argument(
-        "input", help="TIFF/OME-TIFF stack (with --example: where to write it)"
+        "input",
+        nargs="+",
+        help=(
+            "TIFF/OME-TIFF stack (with --example: where to write it); with "
+            "--out-dir any number of files, globs and directories (OME-Zarr, "
+            "Micro-Manager image sequences, ND2/CZI/LIF through bioio)"
+        ),
     )
     p.add_argument("-o", "--output", help="write the aligned stack here (TIFF)")
     p.add_argument("--shifts", help="shifts CSV (default: INPUT.shifts.csv)")
@@ -199,5 +281,47 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="first write the bundled example stack (a drifting real sample) to INPUT",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    many = p.add_argument_group(
+        "many or huge stacks (dask.distributed; pip install 'stagelock[dask]')"
+    )
+    many.add_argument(
+        "--out-dir",
+        help="write OUT_DIR/<stem>.shifts.csv (and the aligned stack) per input",
+    )
+    many.add_argument(
+        "--aligned",
+        nargs="?",
+        const="auto",
+        choices=("auto", "zarr", "tiff"),
+        help=(
+            "also write OUT_DIR/<stem>.aligned.ome.zarr or .aligned.tif "
+            "(auto: TIFF for TIFF input, OME-Zarr otherwise)"
+        ),
+    )
+    many.add_argument(
+        "--workers",
+        type=_non_negative,
+        help=(
+            "start a LocalCluster of N single-threaded workers on 127.0.0.1 (0: in "
+            "this process; default: in this process for one chunk, else one per core)"
+        ),
+    )
+    many.add_argument(
+        "--scheduler", metavar="ADDR", help="use a running cluster (tcp://HOST:PORT)"
+    )
+    many.add_argument(
+        "--memory-limit", help="per-worker memory limit of the LocalCluster (500MB)"
+    )
+    many.add_argument(
+        "--chunk-frames",
+        type=_positive,
+        default=200,
+        help="frames per task (default: 200)",
+    )
+    many.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo inputs whose outputs are complete (default: skip them)",
+    )
     add_verbosity(p)
     p.set_defaults(func=_run)
