@@ -6,6 +6,7 @@ simulated microscopes on ``UniMMCore``, drifting stacks with a known truth.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -16,10 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+import tifffile
 import zmq
 
 from stagelock.daemon import request
-from stagelock.sim import CameraNoise, SimulatedMicroscope, drifting_stack
+from stagelock.sim import (
+    CameraNoise,
+    SimulatedMicroscope,
+    drifting_stack,
+    random_drift,
+)
 from stagelock.sources import release_core
 
 if TYPE_CHECKING:
@@ -227,3 +234,34 @@ def snap(scope: SimulatedMicroscope) -> Any:
     scope.core.waitForDevice("XYStage")
     scope.core.snapImage()
     return scope.core.getImage()
+
+
+# -- batch registration stacks ----------------------------------------------------
+
+
+BATCH_SHAPE = (128, 128)
+"""Frame size of the batch-registration test stacks."""
+BATCH_FRAMES = 36
+
+
+def write_stack(path: Path, seed: int, n_frames: int = BATCH_FRAMES) -> np.ndarray:
+    """A drifting TIFF stack at ``path``; returns its truth (T, 2) = (dx, dy)."""
+    truth = random_drift(n_frames, creep_px_per_frame=(0.1, -0.07), seed=seed)
+    stack = drifting_stack(truth, shape=BATCH_SHAPE, seed=seed)
+    tifffile.imwrite(path, stack, photometric="minisblack", metadata={"axes": "TYX"})
+    return truth
+
+
+def read_shifts_csv(path: Path) -> tuple[list[int], np.ndarray, list[str]]:
+    """Frame column, (T, 2) shifts and statuses of a shifts CSV."""
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["frame", "dx_px", "dy_px", "confidence", "status"]
+    frames = [int(r["frame"]) for r in rows]
+    shifts = np.array([[float(r["dx_px"]), float(r["dy_px"])] for r in rows])
+    return frames, shifts, [r["status"] for r in rows]
+
+
+def rms(a: np.ndarray, b: np.ndarray) -> float:
+    """Root-mean-square difference of two shift arrays (px)."""
+    return float(np.sqrt(np.mean((a - b) ** 2)))

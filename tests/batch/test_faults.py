@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _batch_helpers import N_FRAMES, read_csv, rms, write_stack
 
 import stagelock
+from helpers import BATCH_FRAMES, read_shifts_csv, rms, write_stack
 from stagelock.cli import main
 
 
@@ -53,8 +53,8 @@ def test_a_worker_killed_mid_job_loses_and_duplicates_nothing(
     summaries = result["summaries"]
     assert [s.outcome for s in summaries] == ["done"] * len(stacks)
     for s, truth in zip(summaries, stacks.values(), strict=True):
-        frames, shifts, _ = read_csv(s.shifts_csv)
-        assert frames == list(range(N_FRAMES))  # every row exactly once, in order
+        frames, shifts, _ = read_shifts_csv(s.shifts_csv)
+        assert frames == list(range(BATCH_FRAMES))  # every row exactly once, in order
         assert rms(shifts, truth) <= 0.05
 
 
@@ -77,7 +77,7 @@ def test_rerun_skips_complete_outputs_and_overwrite_redoes_them(
     first[1].shifts_csv.write_text("\n".join(text[:10]) + "\n")
     mixed = stagelock.register_many(paths, tmp_path, workers=0)
     assert [s.outcome for s in mixed] == ["skipped", "done"]
-    assert read_csv(first[1].shifts_csv)[0] == list(range(N_FRAMES))
+    assert read_shifts_csv(first[1].shifts_csv)[0] == list(range(BATCH_FRAMES))
     redone = stagelock.register_many(paths, tmp_path, workers=0, overwrite=True)
     assert [s.outcome for s in redone] == ["done", "done"]
 
@@ -124,8 +124,8 @@ def test_corrupt_inputs_are_reported_and_the_others_finish(
     assert "Traceback" not in captured.err
     assert "2 of 4 inputs complete" in captured.out
     for path in good:
-        frames, shifts, _ = read_csv(out / f"{path.stem}.shifts.csv")
-        assert frames == list(range(N_FRAMES)) and rms(shifts, stacks[path]) <= 0.05
+        frames, shifts, _ = read_shifts_csv(out / f"{path.stem}.shifts.csv")
+        assert frames == list(range(BATCH_FRAMES)) and rms(shifts, stacks[path]) <= 0.05
     # failed inputs leave nothing that looks complete
     assert sorted(p.name for p in out.iterdir()) == ["s0.shifts.csv", "s1.shifts.csv"]
 
@@ -143,7 +143,7 @@ def test_aligned_tiff_for_tiff_input_and_its_skip(
     )
     assert s.aligned == tmp_path / "s0.aligned.tif"
     aligned = tifffile.imread(s.aligned)
-    assert aligned.shape == (N_FRAMES, 128, 128)
+    assert aligned.shape == (BATCH_FRAMES, 128, 128)
     assert np.abs(estimate_shifts(aligned, max_shift_px=10)).max() < 0.1
     # shifts complete but the aligned stack missing: the input is not complete
     s.aligned.unlink()

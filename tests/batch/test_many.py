@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _batch_helpers import N_FRAMES, read_csv, rms, write_stack
 
 import stagelock
+from helpers import BATCH_FRAMES, read_shifts_csv, rms, write_stack
 from stagelock.batch import expand_inputs, output_stem, plan_chunks
 from stagelock.cli import main
 
@@ -60,11 +60,13 @@ def test_many_inputs_on_the_cluster(
             s.path == path
             and s.shifts_csv == tmp_path / f"{output_stem(path)}.shifts.csv"
         )
-        frames, shifts, status = read_csv(s.shifts_csv)
-        assert frames == list(range(N_FRAMES))  # every frame once, in order
+        frames, shifts, status = read_shifts_csv(s.shifts_csv)
+        assert frames == list(range(BATCH_FRAMES))  # every frame once, in order
         assert shifts[0].tolist() == [0.0, 0.0]
         assert rms(shifts, truth) <= 0.05
-        assert s.n_frames == N_FRAMES and s.n_ok == status.count("ok") == N_FRAMES
+        assert (
+            s.n_frames == BATCH_FRAMES and s.n_ok == status.count("ok") == BATCH_FRAMES
+        )
         assert s.max_shift_px == pytest.approx(np.hypot(*shifts.T).max(), abs=1e-3)
     assert not list(tmp_path.glob("*.partial"))
 
@@ -96,7 +98,7 @@ def test_cli_many_inputs_on_a_scheduler(
     text = capsys.readouterr().out
     assert "3 of 3 inputs complete" in text and "cell0.ome.tif" in text
     for path, truth in stacks.items():
-        _, shifts, _ = read_csv(out / f"{output_stem(path)}.shifts.csv")
+        _, shifts, _ = read_shifts_csv(out / f"{output_stem(path)}.shifts.csv")
         assert rms(shifts, truth) <= 0.05
 
 

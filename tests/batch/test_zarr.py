@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _batch_helpers import SHAPE, rms
 from numpy.testing import assert_allclose
 
 import stagelock
+from helpers import BATCH_SHAPE, rms
 from stagelock import estimate_shifts
 from stagelock.batch import ZarrSource, open_source
 from stagelock.sim import CameraNoise, drifting_stack, random_drift
@@ -43,14 +43,16 @@ def test_tyx_ome_zarr_in_and_aligned_ome_zarr_out(
     client: Any, tmp_path: Path, version: str
 ) -> None:
     truth = random_drift(30, creep_px_per_frame=(0.12, -0.08), seed=3)
-    stack = drifting_stack(truth, shape=SHAPE, seed=3)
+    stack = drifting_stack(truth, shape=BATCH_SHAPE, seed=3)
     src = tmp_path / "movie.ome.zarr"
     write_ome_zarr(src, stack, "tyx", version)
     source = open_source(src)
     assert isinstance(source, ZarrSource)
     # the full resolution is datasets[0] (ome-zarr-py names it s0), not level 1
     assert (
-        source.plane_shape == SHAPE and source.n_frames == 30 and source.n_channels == 1
+        source.plane_shape == BATCH_SHAPE
+        and source.n_frames == 30
+        and source.n_channels == 1
     )
     (summary,) = stagelock.register_many(
         [src], tmp_path / "out", client=client, chunk_frames=10, aligned="auto"
@@ -73,7 +75,7 @@ def test_tyx_ome_zarr_in_and_aligned_ome_zarr_out(
 
 def test_tcyx_ome_zarr_registers_on_its_channel(client: Any, tmp_path: Path) -> None:
     truth = random_drift(20, seed=5)
-    signal = drifting_stack(truth, shape=SHAPE, seed=5)
+    signal = drifting_stack(truth, shape=BATCH_SHAPE, seed=5)
     rng = np.random.default_rng(0)
     empty = rng.integers(90, 110, size=signal.shape).astype(signal.dtype)
     data = np.stack([empty, signal], axis=1)  # T, C, Y, X
@@ -103,7 +105,7 @@ def test_micro_manager_image_sequence_folder(tmp_path: Path) -> None:
 
     truth = random_drift(12, seed=8)
     stack = drifting_stack(
-        truth, shape=SHAPE, noise=CameraNoise(peak_photons=2000), seed=8
+        truth, shape=BATCH_SHAPE, noise=CameraNoise(peak_photons=2000), seed=8
     )
     folder = tmp_path / "acq_1"
     folder.mkdir()
@@ -119,7 +121,7 @@ def test_micro_manager_image_sequence_folder(tmp_path: Path) -> None:
 
 
 def _read(path: Path) -> tuple[list[int], np.ndarray]:
-    from _batch_helpers import read_csv
+    from helpers import read_shifts_csv
 
-    frames, shifts, _ = read_csv(path)
+    frames, shifts, _ = read_shifts_csv(path)
     return frames, shifts
