@@ -746,10 +746,14 @@ def draw_tradeoff(res: Row, path: Path) -> str | None:
                     xytext=(3, 3),
                     textcoords="offset points",
                 )
-        for k, r in enumerate(r for r in rows if peers.coverage_of(r["tool"]) is None):
+        for r in rows:
+            if peers.coverage_of(r["tool"]) is not None:
+                continue
+            # one colour per tool across the panels
+            k = 1 + list(peers.TOOLS).index(r["tool"])
             marker = "s" if r["tool"].startswith("stagelock") else "^"
             ax.plot(
-                r["mean_ms"], r["rms_px"], marker, color=f"C{k + 1}", label=r["tool"]
+                r["mean_ms"], r["rms_px"], marker, color=f"C{k % 10}", label=r["tool"]
             )
         b = bounds.get(movie)
         if b:
@@ -770,7 +774,7 @@ def draw_tradeoff(res: Row, path: Path) -> str | None:
     plt.close(fig)
     log(f"[plot] {path}")
     try:
-        return str(path.relative_to(HERE))
+        return str(path.resolve().relative_to(HERE))
     except ValueError:
         return str(path)
 
