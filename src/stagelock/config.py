@@ -307,6 +307,12 @@ class RegistrationConfig(_Section):
     """First good frame, mean of the first ``n_mean`` frames, or key frames."""
     n_mean: Annotated[Int, Field(ge=1, le=1000)] = 5
     min_confidence: Annotated[Number, Field(ge=0, le=1)] = 0.25
+    coverage: Annotated[Number, Field(gt=0, le=1)] | Literal["auto"] | None = None
+    """Fraction of the frame the sub-pixel fit uses (1.0 = the whole overlap);
+    ``"auto"`` picks the largest that measures within ``coverage_budget`` of the
+    frame interval (logged at start); none = the template regions only (fastest)."""
+    coverage_budget: Annotated[Number, Field(gt=0, le=1)] = 0.3
+    """Share of the frame interval that measuring may take with ``"auto"``."""
     alarm_after_bad_frames: Annotated[Int, Field(ge=1)] = 10
     """Consecutive frames without a trustworthy shift that raise an alarm."""
 

@@ -176,6 +176,7 @@ def register_file(
     reference: str = "first",
     channel: int = 0,
     max_shift_px: float = 50.0,
+    coverage: float | None = None,
     progress: bool = True,
 ) -> npt.NDArray[np.float64]:
     """Register a TIFF stack on disk, streaming; return the (T, 2) shifts.
@@ -200,7 +201,11 @@ def register_file(
         raise ValueError("the shifts CSV must differ from the input file")
     if output is not None and shifts_csv is not None and _same_file(output, shifts_csv):
         raise ValueError("the output file and the shifts CSV must differ")
-    options: dict[str, Any] = {"max_shift_px": max_shift_px, "roi": roi}
+    options: dict[str, Any] = {
+        "max_shift_px": max_shift_px,
+        "roi": roi,
+        "coverage": coverage,
+    }
     n_total = reader.n_frames + (reader.n_frames * reader.n_channels if output else 0)
     shifts = np.full((reader.n_frames, 2), np.nan)
     with Progress(disable=not progress, transient=True) as bar:

@@ -210,3 +210,29 @@ def test_real_stack_agrees_with_published_registration(
         # tenths of a pixel of disagreement is expected, not more
         assert abs(a.dx_px - b.dx_px) < 0.5 and abs(a.dy_px - b.dy_px) < 0.5
     assert np.abs(estimate_shifts(ours, max_shift_px=10)).max() < 0.1
+
+
+@pytest.mark.parametrize(
+    ("flags", "max_rms_px"),
+    [(["--coverage", "1.0"], 0.02), (["--reference", "previous"], 0.05)],
+)
+def test_coverage_and_chained_reference_stay_on_the_truth(
+    tmp_path: Path, flags: list[str], max_rms_px: float
+) -> None:
+    stack = tmp_path / "ex.tif"
+    assert main(["register", str(stack), "--example", "--no-progress", "-q"]) == 0
+    shifts = tmp_path / "s.csv"
+    code = main(
+        ["register", str(stack), "--shifts", str(shifts), "--no-progress", *flags]
+    )
+    assert code == 0
+    truth = np.loadtxt(tmp_path / "ex.truth.csv", delimiter=",", skiprows=1)[:, 1:]
+    measured = np.genfromtxt(shifts, delimiter=",", skip_header=1, usecols=(1, 2))
+    assert measured[0].tolist() == [0.0, 0.0]
+    assert float(np.sqrt(np.mean((measured - truth) ** 2))) <= max_rms_px
+
+
+def test_coverage_outside_zero_one_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["register", str(tmp_path / "x.tif"), "--coverage", "1.5"])
+    assert exc.value.code == 2

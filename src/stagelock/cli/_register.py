@@ -100,6 +100,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _coverage(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1]; got {text!r}")
+    return value
+
+
 def _run(args: argparse.Namespace) -> int:
     from stagelock.stacks import register_file
 
@@ -131,6 +141,7 @@ def _run(args: argparse.Namespace) -> int:
             reference=args.reference,
             channel=args.channel,
             max_shift_px=args.max_shift_px,
+            coverage=args.coverage,
             progress=not args.no_progress,
         )
     except ValueError as exc:
@@ -262,9 +273,20 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--roi", type=parse_roi, help="template area X,Y,W,H in pixels")
     p.add_argument(
         "--reference",
-        choices=("first", "mean", "keyframe"),
+        choices=("first", "mean", "keyframe", "previous"),
         default="first",
-        help="first frame, mean of the first 10 frames, or key frames (default: first)",
+        help=(
+            "first frame, mean of the first 10 frames, key frames, or the previous "
+            "frame chained back to frame 0 (default: first)"
+        ),
+    )
+    p.add_argument(
+        "--coverage",
+        type=_coverage,
+        help=(
+            "fraction of the frame the sub-pixel fit uses, 0 < C <= 1 (1 = the "
+            "whole overlap, most precise; default: the template regions, fastest)"
+        ),
     )
     p.add_argument(
         "--channel", type=int, default=0, help="channel to register on (T×C×Y×X)"

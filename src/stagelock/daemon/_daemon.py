@@ -192,6 +192,8 @@ class Daemon:
         self._mean_frames: list[Frame] = []
         self._bad_run = 0
         self._ready_sent = False
+        coverage = config.registration.coverage
+        self._coverage: float | None = None if coverage == "auto" else coverage
         self._resumed = False  # the registrar came from the state directory
         self._fatal: str | None = None  # a stop that must fail the run (exit 2)
         self._failed_sinks: set[int] = set()
@@ -623,7 +625,45 @@ class Daemon:
             if reg.reference == "keyframe"
             else "fixed",
             "min_confidence": reg.min_confidence,
+            "coverage": self._coverage,
         }
+
+    def _pick_coverage(self, frame: Frame) -> None:
+        """Resolve ``registration.coverage = "auto"`` once, from the first frame."""
+        reg = self.config.registration
+        if reg.coverage != "auto" or self._coverage is not None:
+            return
+        from stagelock.registration import coverage_for_interval
+
+        interval_s = self._frame_interval_s()
+        shape = (int(frame.image.shape[0]), int(frame.image.shape[1]))
+        if interval_s is None or interval_s <= 0:
+            logger.info(
+                "registration.coverage auto: frame interval unknown; using the "
+                "template regions (set registration.coverage to a number to choose)"
+            )
+            return
+        self._coverage = coverage_for_interval(
+            shape, interval_s, budget_fraction=reg.coverage_budget
+        )
+        logger.info(
+            "registration.coverage auto: %.3f for %dx%d frames every %.0f ms "
+            "(measuring within %.0f %% of the interval)",
+            self._coverage,
+            shape[1],
+            shape[0],
+            interval_s * 1000,
+            reg.coverage_budget * 100,
+        )
+
+    def _frame_interval_s(self) -> float | None:
+        kind = self.config.source.kind
+        if kind == "simulated":
+            return self.config.simulation.frame_interval_ms / 1000.0
+        if kind == "micromanager":
+            ms = self.config.source.micromanager.interval_ms
+            return ms / 1000.0 if ms > 0 else None
+        return None
 
     def _roi_outside(self, frame: Frame) -> bool:
         """Stop the run (exit 2) when ``registration.roi`` misses the frames."""
@@ -642,6 +682,7 @@ class Daemon:
 
     def _take_reference(self, frame: Frame, skipped: int) -> None:
         reg = self.config.registration
+        self._pick_coverage(frame)
         if self._roi_outside(frame):
             return
         if reg.reference == "mean":
