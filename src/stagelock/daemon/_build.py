@@ -57,7 +57,7 @@ def build_source(config: Config) -> tuple[FrameSource, list[Callable[[], None]]]
                 ),
                 [],
             )
-        except FileNotFoundError as exc:
+        except OSError as exc:  # missing, not a directory, not readable
             raise DaemonError(f"source.folder.path: {exc}") from None
     from stagelock.sim import create_simulated_core
     from stagelock.sources import MMCoreSource, open_core, release_core
