@@ -21,6 +21,7 @@ import json
 import os
 import resource
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -674,7 +675,9 @@ def test_20_empty_truncated_stacks_and_negative_roi_say_what_is_wrong(
     data = stack.read_bytes()
     stack.write_bytes(data[: len(data) // 2])
     proc = run_cli("register", stack, "--no-progress")
-    assert_user_error(proc, "truncated", "declares 8 planes")
+    assert_user_error(proc, "truncated", "of 8 is missing")
+    # the frames before the cut were measured and stay in the shifts CSV
+    assert len(stack.with_suffix(".shifts.csv").read_text().splitlines()) >= 2
     proc = run_main(capsys, "register", stack, "--roi", "-10,-10,50,50")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--roi X,Y must be >= 0" in proc.stderr
@@ -710,3 +713,162 @@ def test_21_config_values_are_strict_and_say_why(
     for needle in needles:
         assert needle in str(info.value)
     assert "another stagelock" not in str(info.value)
+
+
+def test_18_an_unreadable_watch_folder_fails_at_start(tmp_path: Path) -> None:
+    import tempfile
+
+    from stagelock.config import Config
+    from stagelock.daemon import DaemonError
+    from stagelock.daemon._build import build_source
+
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    base.chmod(0o755)
+    watch = base / "watch"
+    watch.mkdir(mode=0o000)
+    config = Config().with_overrides(source__kind="folder", source__folder__path=watch)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: an ordinary user (root reads everything)
+        code = 1
+        try:
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            build_source(config)
+            os.write(write_fd, b"started")
+        except DaemonError as exc:
+            os.write(write_fd, str(exc).encode())
+            code = 0
+        except BaseException as exc:
+            os.write(write_fd, repr(exc).encode())
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as fh:
+        message = fh.read().decode()
+    _, status = os.waitpid(pid, 0)
+    watch.chmod(0o755)
+    watch.rmdir()
+    base.rmdir()
+    assert os.waitstatus_to_exitcode(status) == 0, message
+    assert message.startswith("source.folder.path: watch folder")
+    assert "cannot be read: Permission denied" in message
+
+
+def _without_demo_extra(tmp_path: Path) -> dict[str, str]:
+    """An environment in which ``mm_test_adapters`` cannot be imported."""
+    shadow = tmp_path / "shadow"
+    (shadow / "mm_test_adapters").mkdir(parents=True)
+    # a namespace-less package that refuses to import: as if not installed
+    (shadow / "mm_test_adapters" / "__init__.py").write_text(
+        "raise ImportError('not installed')\n"
+    )
+    return {"PYTHONPATH": str(shadow), "PYTEST_RUNNING": "1"}
+
+
+def test_22_no_frightening_adapter_error_and_the_demo_extra_named(
+    tmp_path: Path,
+) -> None:
+    env = _without_demo_extra(tmp_path)
+    script = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "from stagelock.sim import create_simulated_core\n"
+        "from stagelock.sources import release_core\n"
+        "core = create_simulated_core()\n"
+        "print(core.snap().shape)\n"
+        "release_core(core)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+        env={**os.environ, **env},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "(512, 512)" in proc.stdout
+    assert "Could not find a compatible" not in proc.stderr, proc.stderr
+    assert "mmcore install" not in proc.stderr
+    cfg = tmp_path / "mm.toml"
+    cfg.write_text('[source]\nkind = "micromanager"\n')
+    run = run_cli("run", "--config", cfg, "--duration", "1", env=env)
+    assert_user_error(run, 'pip install "stagelock[demo]"')
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_13_detach_counts_every_frame_received() -> None:
+    import useq
+
+    from stagelock import attach
+    from stagelock.sim import create_simulated_core
+    from stagelock.sources import release_core
+
+    core = create_simulated_core({"shape_px": (128, 128), "exposure_ms": 5.0})
+    try:
+        core.setAutoShutter(False)
+        handle = attach(core)
+        core.mda.run(useq.MDASequence(time_plan={"interval": 0.2, "loops": 10}))
+        handle.detach()
+        # the frame still in the slot at detach is measured, not dropped uncounted
+        assert handle.received == 10
+        assert handle.received == handle.measured + handle.skipped
+        assert len(handle.estimates) == handle.measured
+    finally:
+        release_core(core)
+
+
+def test_14_calibrate_with_the_micromanager_config_succeeds(tmp_path: Path) -> None:
+    out = tmp_path / "calibration.toml"
+    proc = run_cli(
+        "calibrate",
+        "--config",
+        REPO / "config" / "micromanager.toml",
+        "-o",
+        out,
+        timeout_s=240,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    # DemoCamera in "Fluorescent Beads" mode: 1 px per µm of stage travel
+    pixel = float(text.split("pixel_size_um = ")[1].split()[0])
+    assert abs(pixel - 1.0) < 0.05, text
+
+
+def test_24_examples_and_units_ship_in_the_wheel(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import zipfile
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "hatchling", "build", "-t", "wheel", "-d", tmp_path],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = tmp_path.glob("stagelock-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for shipped in [*REPO.glob("config/*.toml"), *REPO.glob("systemd/*.service")]:
+        assert f"stagelock/data/{shipped.parent.name}/{shipped.name}" in names
+    # init-config writes an example that validates, and never overwrites
+    from stagelock.config import load_config
+
+    target = tmp_path / "mine.toml"
+    got = run_main(capsys, "init-config", target, "--example", "folder")
+    assert got.returncode == 0, got.stderr
+    assert target.read_text() == (REPO / "config" / "folder.toml").read_text()
+    assert load_config(target).source.kind == "folder"
+    target.write_text("# edited\n")
+    assert_user_error(run_main(capsys, "init-config", target), "already exists")
+    assert target.read_text() == "# edited\n"
+    # install-unit --print: the unit, ExecStart pointing at this installation
+    unit = run_main(capsys, "install-unit", "--print")
+    assert unit.returncode == 0 and "[Service]" in unit.stdout
+    assert f"ExecStart={Path(sys.executable).parent / 'stagelock'} run" in unit.stdout

@@ -86,13 +86,6 @@ class StackReader:
         c_axis = axes.index("C") if "C" in axes[:-2] else None
         n_channels = shape[c_axis] if c_axis is not None else 1
         n_frames = int(np.prod(outer, dtype=np.int64)) // n_channels if outer else 1
-        n_planes = int(np.prod(outer, dtype=np.int64)) if outer else 1
-        if n_pages < n_planes and n_pages == 1 and n_planes > 1:
-            # a stack whose later pages were cut off: tifffile sees one page
-            raise ValueError(
-                f"{path} is truncated: it declares {n_planes} planes but holds "
-                f"{n_pages} readable page(s)"
-            )
         return cls(
             path,
             n_frames,
@@ -162,8 +155,17 @@ def _read_plane(series: Any, index: int, path: Path) -> npt.NDArray[Any]:
         if page is None:
             raise ValueError("missing page")
         plane = np.asarray(page.asarray())
+    except IndexError:
+        # the page table ends early: the file was cut off (copy or crash)
+        total = int(np.prod(series.shape[:-2], dtype=np.int64))
+        raise ValueError(
+            f"{path} is truncated: plane {index} of {total} is missing (the "
+            "planes before it were registered)"
+        ) from None
     except Exception as exc:  # tifffile raises many types on damaged data
-        raise ValueError(f"{path}: plane {index} is unreadable ({exc})") from None
+        raise ValueError(
+            f"{path} is truncated or damaged: plane {index} is unreadable ({exc})"
+        ) from None
     return plane.reshape(plane.shape[-2:])
 
 

@@ -68,7 +68,7 @@ def build_source(config: Config) -> tuple[FrameSource, list[Callable[[], None]]]
                 ),
                 [],
             )
-        except FileNotFoundError as exc:
+        except OSError as exc:  # missing, not a directory, not readable
             raise DaemonError(f"source.folder.path: {exc}") from None
         except ValueError as exc:
             raise DaemonError(f"source.folder.{exc}") from None

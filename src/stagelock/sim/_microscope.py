@@ -30,7 +30,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -505,6 +505,32 @@ def create_simulated_core(
     ValueError
         On an unknown settings key or an invalid value.
     """
-    core = SimulatedCore()
+    with _no_adapter_search_error():
+        core = SimulatedCore()
     core.simulation = SimulatedMicroscope(settings, clock=clock, core=core)
     return core
+
+
+_NO_MM_MESSAGE = "Could not find a compatible Micro-Manager installation"
+"""What pymmcore-plus logs (as an error, with 'run mmcore install') when it finds
+no compiled device adapters; the simulated microscope needs none."""
+
+
+def _drop_no_mm(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_NO_MM_MESSAGE)
+
+
+@contextlib.contextmanager
+def _no_adapter_search_error() -> Iterator[None]:
+    """Silence only pymmcore-plus's "no Micro-Manager installation" error.
+
+    A new core searches for compiled adapters and logs that error (in red,
+    naming a download) when there are none; the simulated core's devices are
+    Python, so the message would only frighten.
+    """
+    log = logging.getLogger("pymmcore-plus")
+    log.addFilter(_drop_no_mm)
+    try:
+        yield
+    finally:
+        log.removeFilter(_drop_no_mm)

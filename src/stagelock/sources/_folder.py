@@ -195,6 +195,14 @@ class FolderSource:
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"watch folder {self.path} is not a directory")
+        try:
+            with os.scandir(self.path):
+                pass
+        except OSError as exc:
+            # fail at start, not with a warning every poll
+            raise PermissionError(
+                f"watch folder {self.path} cannot be read: {exc.strerror or exc}"
+            ) from None
         self.pattern = pattern
         self.from_start = bool(from_start)
         self.poll_interval_s = float(poll_interval_s)

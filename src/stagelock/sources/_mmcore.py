@@ -383,6 +383,15 @@ def _frame_key(image: npt.NDArray[Any], meta: Mapping[str, Any]) -> object:
     return hash(flat[:: max(1, flat.size // 4096)].tobytes())
 
 
+def _demo_installed() -> bool:
+    """Tell whether the ``demo`` extra (``mm-test-adapters``) can be imported."""
+    try:
+        import mm_test_adapters  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def open_core(settings: MicroManagerSourceConfig | None = None) -> CMMCorePlus:
     """Load a Micro-Manager core as ``[source.micromanager]`` describes it.
 
@@ -411,6 +420,12 @@ def open_core(settings: MicroManagerSourceConfig | None = None) -> CMMCorePlus:
 
     config_file = None if settings is None else settings.config_file
     what = config_file or "the demo configuration (mm-test-adapters)"
+    if config_file is None and not _demo_installed():
+        raise RuntimeError(
+            "no config_file given and the Micro-Manager demo devices are not "
+            'installed: pip install "stagelock[demo]" (or set '
+            "source.micromanager.config_file to your .cfg)"
+        )
     core = CMMCorePlus()
     try:
         try:
