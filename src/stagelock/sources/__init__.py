@@ -12,6 +12,7 @@ __all__ = [
     "MMCoreSource",
     "SourceState",
     "acquisition_index",
+    "file_position",
     "open_core",
     "release_core",
 ]
