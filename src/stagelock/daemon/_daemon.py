@@ -42,7 +42,6 @@ from stagelock.protocol import (
     finite_or_none,
 )
 from stagelock.registration import Registrar, ShiftEstimate, Status
-from stagelock.stage import PositionKey, PositionLocks
 
 from ._alarms import Alarms
 from ._commands import COMMANDS
@@ -57,7 +56,7 @@ if TYPE_CHECKING:
     from stagelock.config import Config
     from stagelock.sinks import ShiftSink
     from stagelock.sources import Frame, FrameSource
-    from stagelock.stage import Alarm, StageLoop
+    from stagelock.stage import Alarm, PositionKey, PositionLocks, StageLoop
 
 __all__ = ["Daemon", "DaemonError"]
 
@@ -466,6 +465,8 @@ class Daemon:
 
     def _handle_positioned(self, frame: Frame, skipped: int) -> None:
         """Measure a frame of a multi-position acquisition against its position."""
+        from stagelock.stage import PositionKey, PositionLocks
+
         meta = frame.metadata
         if meta.get("lock") is False:
             return  # another channel or plane: follows its position's correction
