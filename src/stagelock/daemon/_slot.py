@@ -175,6 +175,12 @@ class KeyedLatestSlot(Generic[T]):
                 raise SlotClosed
             return None
 
+    @property
+    def _has_item(self) -> bool:
+        # the LatestSlot attribute some callers (tests) look at
+        with self._cond:
+            return bool(self._items)
+
     def clear(self) -> int:
         """Drop every unread item (not counted as skipped); return how many."""
         with self._cond:
