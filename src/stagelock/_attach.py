@@ -27,15 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stagelock.registration import Registrar, ShiftEstimate, Status
-from stagelock.stage import (
-    Alarm,
-    Calibration,
-    Correction,
-    PositionKey,
-    PositionLocks,
-    PositionState,
-)
+from stagelock.registration import ShiftEstimate, Status
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -46,6 +38,14 @@ if TYPE_CHECKING:
     from pymmcore_plus.mda import PMDAEngine
 
     from stagelock.config import StageSettings
+    from stagelock.registration import Registrar
+    from stagelock.stage import (
+        Alarm,
+        Calibration,
+        Correction,
+        PositionKey,
+        PositionState,
+    )
     from stagelock.stage._mda import LockingEngine, LockSelector, PendingFrame
 
 __all__ = ["AttachHandle", "FrameShift", "attach"]
@@ -53,8 +53,8 @@ __all__ = ["AttachHandle", "FrameShift", "attach"]
 logger = logging.getLogger(__name__)
 
 ShiftCallback = Callable[[int, ShiftEstimate], None]
-CorrectionCallback = Callable[[Correction], None]
-AlarmCallback = Callable[[PositionKey, Alarm, str], None]
+CorrectionCallback = Callable[["Correction"], None]
+AlarmCallback = Callable[["PositionKey", "Alarm", str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +157,7 @@ class AttachHandle:
         on_alarm: AlarmCallback | None = None,
     ) -> None:
         from stagelock.config import StageSettings
+        from stagelock.stage import PositionLocks
         from stagelock.stage._mda import LockSelector, PositionSlot
 
         self.core = core
@@ -257,6 +258,8 @@ class AttachHandle:
     @property
     def reference(self) -> Registrar | None:
         """The registrar of position 0's reference (None before its first frame)."""
+        from stagelock.stage import PositionKey
+
         return self.locks.registrar(PositionKey())
 
     @property
@@ -376,6 +379,7 @@ class AttachHandle:
             logger.exception("attach: could not take an MDA frame")
 
     def _offer_event(self, image: npt.NDArray[Any], event: Any) -> None:
+        from stagelock.stage import PositionKey
         from stagelock.stage._mda import META_KEY, PendingFrame
 
         frame_index = self._take_index()
@@ -410,6 +414,7 @@ class AttachHandle:
             # an MDA snaps too, and its frame arrives again through frameReady
             if self.core.mda.is_running():
                 return
+            from stagelock.stage import PositionKey
             from stagelock.stage._mda import PendingFrame
 
             frame_index = self._take_index()
@@ -580,6 +585,7 @@ def attach(
     ...     print(lock.positions)
     """
     from stagelock.config import StageSettings
+    from stagelock.stage import Calibration
 
     options: dict[str, Any] = dict(config or {})
     options.update(registrar_options)
@@ -629,6 +635,8 @@ def attach(
 
 def _check_options(options: Mapping[str, Any]) -> None:
     import inspect
+
+    from stagelock.registration import Registrar
 
     allowed = set(inspect.signature(Registrar).parameters) - {"reference"}
     for key in options:

@@ -344,7 +344,7 @@ def test_malformed_and_partial_messages_are_counted_never_raised() -> None:
         ("stagelock.shift", b"\xff\xfe not utf-8"),
         ("stagelock.shift", b"{truncated"),
         ("stagelock.shift", b"[1, 2, 3]"),
-        ("stagelock.shift", shift(schema="stagelock.shift/2")),  # unknown major
+        ("stagelock.shift", shift(schema="stagelock.shift/3")),  # unknown major
     ]
     for topic, message in bad:
         assert not state.update(topic, message, 1.0)
@@ -642,3 +642,18 @@ def test_real_daemon_restart_is_followed(
     assert row.dx_um == pytest.approx(row.dx_px * 0.5)  # type: ignore[operator]
     assert row.corrections is not None and row.corrections >= 1
     assert "silent for 5 s" in text_of(render(monitor.state, row.last_seen_at + 5.2))
+
+
+def test_positions_get_one_row_each_under_their_daemon() -> None:
+    state = MonitorState()
+    for p, name, dx in ((0, "A", 0.1), (1, "B", -0.2), (0, "A", 0.3)):
+        msg = shift(position=p, position_name=name, dx_px=dx, channel="DAPI", z=1)
+        assert state.update("stagelock.shift", msg, 1.0)
+    row = state.sources["scope-a"]
+    assert sorted(row.positions) == [(0, "A"), (1, "B")]
+    assert row.positions[(0, "A")].dx_px == 0.3
+    assert row.positions[(1, "B")].dx_px == -0.2
+    console = Console(width=140, record=True)
+    console.print(render(state, 1.0))
+    text = console.export_text()
+    assert "└ p0 A" in text and "└ p1 B" in text and "-0.20" in text

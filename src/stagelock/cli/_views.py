@@ -76,6 +76,12 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     plot.add_argument("--title", help="figure title (default: the record's name)")
     plot.add_argument(
+        "--position",
+        type=int,
+        metavar="N",
+        help="draw only MDA position N (default: every position)",
+    )
+    plot.add_argument(
         "--dpi", type=_positive_float, default=100.0, help="resolution (default 100)"
     )
     add_verbosity(plot)
@@ -121,6 +127,8 @@ def _plot(args: argparse.Namespace) -> int:
 
     try:
         record = load_record(args.record)
+        if args.position is not None:
+            record = record.select_position(args.position)
         out = plot_record(record, args.output, title=args.title, dpi=args.dpi)
     except (RecordError, MissingExtraError) as exc:
         raise CliError(str(exc)) from None

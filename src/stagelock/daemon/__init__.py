@@ -6,7 +6,13 @@
 :data:`COMMANDS`.
 """
 
-from ._build import build_daemon, build_sinks, build_source, build_stage_loop
+from ._build import (
+    build_daemon,
+    build_mda_lock,
+    build_sinks,
+    build_source,
+    build_stage_loop,
+)
 from ._commands import COMMANDS
 from ._daemon import Daemon, DaemonError
 from ._rpc import CommandError, ControlServer, NoAnswer, request
@@ -27,6 +33,7 @@ __all__ = [
     "SlotClosed",
     "SystemdNotifier",
     "build_daemon",
+    "build_mda_lock",
     "build_sinks",
     "build_source",
     "build_stage_loop",

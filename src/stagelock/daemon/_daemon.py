@@ -44,7 +44,6 @@ from stagelock.protocol import (
     json_safe,
 )
 from stagelock.registration import Registrar, ShiftEstimate, Status
-from stagelock.stage import PositionKey, PositionLocks
 
 from ._alarms import Alarms
 from ._commands import COMMANDS
@@ -60,7 +59,7 @@ if TYPE_CHECKING:
     from stagelock.security import ServerKeys
     from stagelock.sinks import ShiftSink
     from stagelock.sources import Frame, FrameSource
-    from stagelock.stage import Alarm, StageLoop
+    from stagelock.stage import Alarm, PositionKey, PositionLocks, StageLoop
 
     from ._state import SavedState, StateDir
 
@@ -554,6 +553,8 @@ class Daemon:
 
     def _handle_positioned(self, frame: Frame, skipped: int) -> None:
         """Measure a frame of a multi-position acquisition against its position."""
+        from stagelock.stage import PositionKey, PositionLocks
+
         meta = frame.metadata
         if meta.get("lock") is False:
             return  # another channel or plane: follows its position's correction

@@ -200,6 +200,12 @@ class KeyedLatestSlot(Generic[T]):
                 self._cond.wait(timeout_s)
             return not self._items or self._closed
 
+    @property
+    def _has_item(self) -> bool:
+        # the LatestSlot attribute some callers (tests) look at
+        with self._cond:
+            return bool(self._items)
+
     def clear(self) -> int:
         """Drop every unread item (not counted as skipped); return how many."""
         with self._cond:

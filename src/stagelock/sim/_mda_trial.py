@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import useq
 
     from stagelock._attach import AttachHandle
+    from stagelock.stage._mda import SetupTiming
 
     from ._microscope import SimulatedCore
 
@@ -102,12 +103,15 @@ class MDATrial:
     setup_added_ms_mean, setup_added_ms_max : float
         What the lock added to ``setup_event`` (NaN without the engine).
     n_corrections : int
+    setup_timing : SetupTiming or None
+        The engine's full timing (None without the engine).
     """
 
     frames: list[TrialFrame] = field(default_factory=list)
     setup_added_ms_mean: float = math.nan
     setup_added_ms_max: float = math.nan
     n_corrections: int = 0
+    setup_timing: SetupTiming | None = None
 
     def residuals(
         self, position: int, *, from_t: int = 0, uncorrected: bool = False
@@ -182,9 +186,10 @@ def run_mda_trial(
         )
     mean_ms = max_ms = math.nan
     n_corr = 0
+    timing = None
     if handle is not None:
         n_corr = sum(p.n_corrections for p in handle.positions.values())
         if handle.engine is not None:
             timing = handle.engine.timing
             mean_ms, max_ms = timing.mean_ms, timing.max_ms
-    return MDATrial(frames, mean_ms, max_ms, n_corr)
+    return MDATrial(frames, mean_ms, max_ms, n_corr, timing)

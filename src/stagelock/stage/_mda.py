@@ -35,7 +35,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pymmcore_plus.core._sequencing import SequencedEvent
+import numpy as np
+from pymmcore_plus.core import SequencedEvent
 from pymmcore_plus.mda import MDAEngine
 
 from ._positions import PositionKey
@@ -125,12 +126,19 @@ class SetupTiming:
     Attributes
     ----------
     n_events : int
-    mean_ms, max_ms : float
+    mean_ms, median_ms, p95_ms, max_ms : float
+        Wall-clock time the lock added (includes being descheduled on a busy
+        machine).
+    cpu_mean_ms : float
+        The same in the acquisition thread's CPU time (what the lock costs).
     """
 
     n_events: int
     mean_ms: float
+    median_ms: float
+    p95_ms: float
     max_ms: float
+    cpu_mean_ms: float
 
 
 class LockingEngine(MDAEngine):
@@ -172,7 +180,7 @@ class LockingEngine(MDAEngine):
         self.locks = locks
         self.selector = selector or LockSelector()
         self.clock = clock
-        self._added_ms: deque[float] = deque(maxlen=10_000)
+        self._added_ms: deque[tuple[float, float]] = deque(maxlen=10_000)
         self._warned_xy_sequence = False
         self._timing_lock = threading.Lock()
 
@@ -185,15 +193,16 @@ class LockingEngine(MDAEngine):
 
     def setup_event(self, event: useq.MDAEvent) -> None:
         """Set the hardware for ``event`` with its position's offset added."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             corrected = self._corrected(event)
         except Exception:  # never break the acquisition: go uncorrected
             logger.exception("stagelock: could not correct event %s", event.index)
             corrected = event
         added_ms = (time.perf_counter() - t0) * 1000.0
+        cpu_ms = (time.thread_time() - c0) * 1000.0
         with self._timing_lock:
-            self._added_ms.append(added_ms)
+            self._added_ms.append((added_ms, cpu_ms))
         super().setup_event(corrected)
 
     @property
@@ -202,8 +211,17 @@ class LockingEngine(MDAEngine):
         with self._timing_lock:
             data = list(self._added_ms)
         if not data:
-            return SetupTiming(0, math.nan, math.nan)
-        return SetupTiming(len(data), sum(data) / len(data), max(data))
+            return SetupTiming(0, *([math.nan] * 5))
+        wall = np.array([d[0] for d in data])
+        cpu = np.array([d[1] for d in data])
+        return SetupTiming(
+            len(data),
+            float(wall.mean()),
+            float(np.median(wall)),
+            float(np.percentile(wall, 95)),
+            float(wall.max()),
+            float(cpu.mean()),
+        )
 
     def _corrected(self, event: useq.MDAEvent) -> useq.MDAEvent:
         if isinstance(event, SequencedEvent) and event.x_sequence:

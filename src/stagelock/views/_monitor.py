@@ -175,6 +175,22 @@ class MonitorRow:
     last_seen_at: float | None = None
     shift_arrivals: deque[float] = field(default_factory=lambda: deque(maxlen=256))
     drift_px: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY_LEN))
+    positions: dict[tuple[int, str], MonitorRow] = field(default_factory=dict)
+    """One sub-row per MDA position (messages with a ``position``), by
+    (position, name); shown under the daemon's row."""
+
+    def position_row(self, msg: Mapping[str, Any]) -> MonitorRow | None:
+        """Return the sub-row of the message's position (None without one)."""
+        position = _integer(msg.get("position"))
+        if position is None:
+            return None
+        name = _text(msg.get("position_name")) or ""
+        key = (position, name)
+        row = self.positions.get(key)
+        if row is None:
+            label = f"└ p{position}" + (f" {name}" if name else "")
+            row = self.positions[key] = MonitorRow(label)
+        return row
 
     def fps(self, now: float) -> float | None:
         """Shift messages per second received over the last few seconds.
@@ -273,7 +289,8 @@ class MonitorState:
             return False
         schema = decoded.get("schema")
         # a different major version may mean different units: refuse, don't guess
-        if isinstance(schema, str) and not schema.startswith(f"{name}/1"):
+        # (version 2 of shift/correction only added the position fields)
+        if isinstance(schema, str) and schema not in (f"{name}/1", f"{name}/2"):
             self.malformed += 1
             return False
         source = self._attribute(_text(decoded.get("source")), origin)
@@ -345,6 +362,10 @@ def _decode(message: bytes | str | Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def _on_shift(row: MonitorRow, msg: dict[str, Any], now: float) -> None:
+    sub = row.position_row(msg)
+    if sub is not None:
+        sub.last_seen_at = now
+        _on_shift(sub, {k: v for k, v in msg.items() if k != "position"}, now)
     row.shifts_received += 1
     row.shift_arrivals.append(now)
     row.frame = _integer(msg.get("frame"))
@@ -379,6 +400,10 @@ def _on_status(row: MonitorRow, msg: dict[str, Any], now: float) -> None:
 
 
 def _on_correction(row: MonitorRow, msg: dict[str, Any], now: float) -> None:
+    sub = row.position_row(msg)
+    if sub is not None:
+        sub.last_seen_at = now
+        _on_correction(sub, {k: v for k, v in msg.items() if k != "position"}, now)
     row.corrections_seen += 1
     # between heartbeats, count the corrections seen here on top of the last total
     row.corrections = max(row.corrections or 0, row.corrections_seen)
@@ -556,8 +581,19 @@ def render(
     table.add_column("status", no_wrap=True)
     if not state.sources:
         table.add_row(Text("waiting for messages…", style="dim"))
-    for row in state.sources.values():
+    rows = [
+        (row, sub)
+        for row in state.sources.values()
+        for sub in (row, *(row.positions[k] for k in sorted(row.positions)))
+    ]
+    for parent, row in rows:
         text, style = _status_cell(row, now, silent_after_s)
+        if row is not parent:
+            # a position's row: its own shift and status; alarms stay on the daemon
+            text, style = (
+                row.status or "waiting",
+                ("yellow" if row.status in _WARN_STATUSES else "green"),
+            )
         conf_style = "yellow" if row.status in _WARN_STATUSES else ""
         cells: dict[str, str | Text] = {
             "frame": _fmt(row.frame, "d"),
@@ -571,7 +607,7 @@ def render(
             "corr": _fmt(row.corrections, "d"),
         }
         table.add_row(
-            Text(row.source, style="bold"),
+            Text(row.source, style="bold" if row is parent else ""),
             *(v for k, v in cells.items() if not (compact and k in _WIDE_ONLY)),
             Text(sparkline(row.drift_px, spark_width), style="cyan"),
             Text(text, style=style),

@@ -110,8 +110,30 @@ def plot_record(
     good = ~failed & np.isfinite(x)
 
     ax_drift.axhline(0.0, color="0.6", lw=0.8)
-    ax_drift.plot(x[good], record.dx_px[good], color="C0", lw=1.2, label="dx (x)")
-    ax_drift.plot(x[good], record.dy_px[good], color="C1", lw=1.2, label="dy (y)")
+    positions = record.positions
+    if len(positions) > 1:
+        # an MDA: every position against its own reference, one colour each
+        assert record.position is not None
+        for i, p in enumerate(positions):
+            mine = good & (record.position == p)
+            label = f"p{p}" + (
+                f" {record.position_names[p]}" if p in record.position_names else ""
+            )
+            color = f"C{i % 10}"
+            ax_drift.plot(
+                x[mine], record.dx_px[mine], color=color, lw=1.2, label=f"{label} dx"
+            )
+            ax_drift.plot(
+                x[mine],
+                record.dy_px[mine],
+                color=color,
+                lw=1.2,
+                ls="--",
+                label=f"{label} dy",
+            )
+    else:
+        ax_drift.plot(x[good], record.dx_px[good], color="C0", lw=1.2, label="dx (x)")
+        ax_drift.plot(x[good], record.dy_px[good], color="C1", lw=1.2, label="dy (y)")
     _mark_failed(ax_drift, x[failed & np.isfinite(x)], int(failed.sum()))
     _mark_corrections(ax_drift, record, t0, scale)
     ax_drift.set_ylabel("drift (px)")
@@ -191,6 +213,8 @@ def plot_record(
 
     name = title if title is not None else _default_title(record)
     summary = f"{record.n_shifts} frames, {record.n_failed} without a shift (not drawn)"
+    if len(positions) > 1:
+        summary += f", {len(positions)} positions"
     if record.corrections:
         summary += f", {len(record.corrections)} stage corrections"
     if record.unreadable_lines:

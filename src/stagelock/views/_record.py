@@ -16,6 +16,7 @@ Reading needs only numpy; drawing is :mod:`._plot`'s.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -56,12 +57,15 @@ class RecordedCorrection:
         Unix time in seconds (NaN when absent).
     move_x_um, move_y_um : float
         The commanded stage move.
+    position : float
+        The MDA position it belongs to (NaN: a single field of view).
     """
 
     frame: float
     time: float
     move_x_um: float
     move_y_um: float
+    position: float = math.nan
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +92,11 @@ class DriftRecord:
         Distinct ``source`` names, in order of appearance.
     corrections : tuple of RecordedCorrection
         Stage corrections, in file order.
+    position : ndarray of float64 or None
+        Per-frame MDA position index (NaN for frames without one); None when no
+        frame carries one (``stagelock.shift/1`` records, one field of view).
+    position_names : dict
+        Position index → name, for positions that have one.
     unreadable_lines : int
         JSON lines that could not be parsed, or CSV rows with the wrong number
         of fields, skipped (e.g. a last line truncated by a crash or a full disk).
@@ -105,6 +114,53 @@ class DriftRecord:
     sources: tuple[str, ...]
     corrections: tuple[RecordedCorrection, ...]
     unreadable_lines: int = 0
+    position: FloatArray | None = None
+    position_names: dict[int, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def positions(self) -> list[int]:
+        """The distinct MDA positions of the record (empty for one field of view)."""
+        if self.position is None:
+            return []
+        values = self.position[np.isfinite(self.position)]
+        return sorted({int(v) for v in values})
+
+    def select_position(self, position: int) -> DriftRecord:
+        """Return the frames and corrections of one MDA position.
+
+        Raises
+        ------
+        RecordError
+            When the record has no frame of that position.
+        """
+        if position not in self.positions:
+            have = ", ".join(map(str, self.positions)) or "none (one field of view)"
+            raise RecordError(
+                f"{self.path}: no frames of position {position}; positions: {have}"
+            )
+        assert self.position is not None
+        keep = self.position == position
+
+        def cut(a: FloatArray | None) -> FloatArray | None:
+            return None if a is None else a[keep]
+
+        return dataclasses.replace(
+            self,
+            frame=self.frame[keep],
+            time=cut(self.time),
+            dx_px=self.dx_px[keep],
+            dy_px=self.dy_px[keep],
+            dx_um=cut(self.dx_um),
+            dy_um=cut(self.dy_um),
+            confidence=self.confidence[keep],
+            status=tuple(s for s, k in zip(self.status, keep, strict=True) if k),
+            corrections=tuple(
+                c
+                for c in self.corrections
+                if math.isnan(c.position) or c.position == position
+            ),
+            position=self.position[keep],
+        )
 
     @property
     def n_shifts(self) -> int:
@@ -243,6 +299,8 @@ def load_record(path: str | Path) -> DriftRecord:
         for k in ("frame", "time", "dx_px", "dy_px", "dx_um", "dy_um", "confidence")
     }
     statuses: list[str] = []
+    positions: list[float] = []
+    names: dict[int, str] = {}
     sources: dict[str, None] = {}
     corrections: list[RecordedCorrection] = []
     seen_time = seen_um = False
@@ -255,6 +313,7 @@ def load_record(path: str | Path) -> DriftRecord:
                     time=_float(row.get("time"), where, "time"),
                     move_x_um=_float(row.get("move_x_um"), where, "move_x_um"),
                     move_y_um=_float(row.get("move_y_um"), where, "move_y_um"),
+                    position=_float(row.get("position"), where, "position"),
                 )
             )
             continue
@@ -272,6 +331,11 @@ def load_record(path: str | Path) -> DriftRecord:
             columns["frame"][-1] = float(len(columns["frame"]) - 1)
         seen_time |= not _is_missing(row.get("time"))
         seen_um |= not (_is_missing(row.get("dx_um")) and _is_missing(row.get("dy_um")))
+        position = _float(row.get("position"), where, "position")
+        positions.append(position)
+        name = row.get("position_name")
+        if math.isfinite(position) and isinstance(name, str) and name:
+            names[int(position)] = name
         status = row.get("status")
         statuses.append(status.strip() if isinstance(status, str) else "")
         source = row.get("source")
@@ -298,6 +362,12 @@ def load_record(path: str | Path) -> DriftRecord:
         sources=tuple(sources),
         corrections=tuple(corrections),
         unreadable_lines=len(bad_lines),
+        position=(
+            np.asarray(positions, dtype=np.float64)
+            if any(math.isfinite(p) for p in positions)
+            else None
+        ),
+        position_names=names,
     )
 
 
