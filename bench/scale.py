@@ -1,0 +1,269 @@
+"""Throughput of ``stagelock.register_many`` on 1 and 2 Dask workers.
+
+Cases (each timed as the wall time of the whole ``register_many`` call, on a
+cluster started beforehand; cluster start-up is reported separately):
+
+- ``many``: ``--n-stacks`` TIFF stacks of ``--frames`` frames at ``--size``².
+- ``huge``: one TIFF stack of ``--huge-frames`` frames, registered with the aligned
+  OME-Zarr written by the workers, every worker under ``--memory-limit``.
+
+Clusters: ``local`` (LocalCluster, one thread per worker) and ``external``
+(``dask scheduler`` + ``dask worker --nthreads 1`` processes on 127.0.0.1).
+Writes ``bench/results/scale.json`` and ``bench/results/scale.md``.
+
+    python bench/scale.py --quick
+    python bench/scale.py --n-stacks 8 --frames 400 --size 512 --huge-frames 4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from stagelock import register_many
+from stagelock.sim import drifting_stack, random_drift
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def make_stack(path: Path, n_frames: int, size: int, seed: int) -> np.ndarray:
+    truth = random_drift(n_frames, creep_px_per_frame=(0.05, -0.03), seed=seed)
+
+    def planes():
+        for lo in range(0, n_frames, 50):
+            yield from drifting_stack(
+                truth[lo : lo + 50], shape=(size, size), seed=seed + lo
+            )
+
+    tifffile.imwrite(
+        path,
+        planes(),
+        shape=(n_frames, size, size),
+        dtype=np.uint16,
+        photometric="minisblack",
+        metadata={"axes": "TYX"},
+        bigtiff=True,
+    )
+    return truth
+
+
+def rms_of(csv_path: Path, truth: np.ndarray) -> float:
+    with csv_path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["frame"]) for r in rows] == list(range(len(truth)))
+    est = np.array([[float(r["dx_px"]), float(r["dy_px"])] for r in rows])
+    return float(np.sqrt(np.nanmean((est - truth) ** 2)))
+
+
+class External:
+    """``dask scheduler`` + N ``dask worker --nthreads 1`` on 127.0.0.1."""
+
+    def __init__(self, n_workers: int, memory_limit: str, tmp: Path) -> None:
+        self.file = tmp / f"scheduler-{n_workers}.json"
+        self.file.unlink(missing_ok=True)
+        dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+        self.procs = [
+            subprocess.Popen(
+                [
+                    *dask,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--no-dashboard",
+                    "--scheduler-file",
+                    str(self.file),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        ]
+        while not self.file.exists():
+            time.sleep(0.1)
+        time.sleep(0.2)
+        self.address = json.loads(self.file.read_text())["address"]
+        worker = [sys.executable, "-m", "distributed.cli.dask_worker"]
+        for _ in range(n_workers):
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        *worker,
+                        self.address,
+                        "--nthreads",
+                        "1",
+                        "--nworkers",
+                        "1",
+                        "--host",
+                        "127.0.0.1",
+                        "--no-dashboard",
+                        "--memory-limit",
+                        memory_limit,
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def run_case(
+    client: Any, inputs: list[Path], truths: list[np.ndarray], out: Path, **kw: Any
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    summaries = register_many(inputs, out, client=client, overwrite=True, **kw)
+    wall = time.perf_counter() - t0
+    frames = sum(s.n_frames for s in summaries)
+    assert all(s.outcome == "done" for s in summaries), summaries
+    rms = max(rms_of(s.shifts_csv, t) for s, t in zip(summaries, truths, strict=True))
+    return {
+        "wall_s": round(wall, 2),
+        "frames": frames,
+        "fps": round(frames / wall, 1),
+        "max_rms_px": round(rms, 4),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--quick", action="store_true", help="4 x 100 frames at 256², huge 1000"
+    )
+    ap.add_argument("--n-stacks", type=int, default=8)
+    ap.add_argument("--frames", type=int, default=400)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--huge-frames", type=int, default=4000)
+    ap.add_argument("--memory-limit", default="400MB")
+    ap.add_argument("--chunk-frames", type=int, default=100)
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--clusters", default="local,external")
+    ap.add_argument(
+        "--data-dir",
+        default=os.environ.get("STAGELOCK_BENCH_DATA", "/tmp/stagelock-bench-scale"),
+    )
+    args = ap.parse_args()
+    if args.quick:
+        args.n_stacks, args.frames, args.size, args.huge_frames = 4, 100, 256, 1000
+    from distributed import Client, LocalCluster
+
+    data = Path(args.data_dir) / f"{args.n_stacks}x{args.frames}x{args.size}"
+    data.mkdir(parents=True, exist_ok=True)
+    small, truths = [], []
+    for i in range(args.n_stacks):
+        path = data / f"stack{i}.tif"
+        truth_path = path.with_suffix(".npy")
+        if not truth_path.exists():
+            np.save(truth_path, make_stack(path, args.frames, args.size, seed=i))
+        small.append(path)
+        truths.append(np.load(truth_path))
+    huge = data / f"huge{args.huge_frames}.tif"
+    if not huge.with_suffix(".npy").exists():
+        np.save(
+            huge.with_suffix(".npy"), make_stack(huge, args.huge_frames, args.size, 99)
+        )
+    huge_truth = np.load(huge.with_suffix(".npy"))
+    huge_mb = huge.stat().st_size / 1e6
+
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for kind in args.clusters.split(","):
+            for n in [int(w) for w in args.workers.split(",")]:
+                t0 = time.perf_counter()
+                if kind == "local":
+                    cluster: Any = LocalCluster(
+                        n_workers=n,
+                        threads_per_worker=1,
+                        processes=True,
+                        host="127.0.0.1",
+                        dashboard_address=None,
+                        memory_limit=args.memory_limit,
+                        silence_logs=40,
+                    )
+                    client = Client(cluster)
+                else:
+                    cluster = External(n, args.memory_limit, tmp)
+                    client = Client(cluster.address)
+                client.wait_for_workers(n, timeout=600)
+                startup = time.perf_counter() - t0
+                try:
+                    many = run_case(
+                        client,
+                        small,
+                        truths,
+                        tmp / "many",
+                        chunk_frames=args.chunk_frames,
+                    )
+                    big = run_case(
+                        client,
+                        [huge],
+                        [huge_truth],
+                        tmp / "huge",
+                        chunk_frames=args.chunk_frames,
+                        aligned="zarr",
+                    )
+                finally:
+                    client.close()
+                    cluster.close()
+                row = {
+                    "cluster": kind,
+                    "workers": n,
+                    "startup_s": round(startup, 1),
+                    "many": many,
+                    "huge": big,
+                }
+                print(json.dumps(row), flush=True)
+                results.append(row)
+    load = os.getloadavg()
+    doc = {
+        "config": {
+            **vars(args),
+            "huge_mb": round(huge_mb, 1),
+            "cpus": os.cpu_count(),
+            "loadavg_after": [round(v, 1) for v in load],
+        },
+        "runs": results,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "scale.json").write_text(json.dumps(doc, indent=2) + "\n")
+    lines = [
+        f"many: {args.n_stacks} x {args.frames} frames at {args.size}²; huge: "
+        f"{args.huge_frames} frames ({huge_mb:.0f} MB) with aligned OME-Zarr, "
+        f"--memory-limit {args.memory_limit}; {os.cpu_count()} cores, load "
+        f"{load[0]:.1f} after the run",
+        "",
+        "| cluster | workers | start-up s | many: wall s | many: frames/s "
+        "| many: RMS px | huge: wall s | huge: frames/s | huge: RMS px |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        m, h = r["many"], r["huge"]
+        lines.append(
+            f"| {r['cluster']} | {r['workers']} | {r['startup_s']} | {m['wall_s']} | "
+            f"{m['fps']} | {m['max_rms_px']} | {h['wall_s']} | {h['fps']} | "
+            f"{h['max_rms_px']} |"
+        )
+    (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
