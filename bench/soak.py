@@ -101,8 +101,7 @@ def parent(args: argparse.Namespace) -> None:
         samples: list[dict[str, Any]] = []
         latencies: list[float] = []
         received = 0
-        start = time.monotonic()
-        next_sample = start + args.sample_s
+        next_sample = float("inf")
         first_message: float | None = None
         try:
             while proc.poll() is None:
@@ -113,9 +112,12 @@ def parent(args: argparse.Namespace) -> None:
                     latencies.append((now - msg["time"]) * 1000.0)
                     received += 1
                     if first_message is None:
+                        # the clock starts with the first shift (after the import
+                        # and the rendering of the frames in the child)
                         first_message = time.monotonic()
+                        next_sample = first_message + args.sample_s
                 if time.monotonic() >= next_sample and first_message is not None:
-                    next_sample += args.sample_s
+                    next_sample = max(next_sample + args.sample_s, time.monotonic())
                     try:
                         sample: dict[str, Any] = proc_sample(proc.pid)
                     except OSError:

@@ -232,7 +232,7 @@ def test_mean_reference(run_daemon: Callable[..., Daemon]) -> None:
     assert st.reference_frame == n_mean - 1 and st.references_taken == 1
 
 
-def test_stage_alarm_reaches_the_alarm_topic_and_rereference_resets_the_loop() -> None:
+def test_stage_alarm_holds_across_rereference_until_reset_origin() -> None:
     """A real simulated core and StageLoop: the travel limit raises an alarm."""
     config = validate_config(
         {
@@ -293,10 +293,18 @@ def test_stage_alarm_reaches_the_alarm_topic_and_rereference_resets_the_loop() -
         assert clipped and clipped[0]["alarm"] == "travel_limit"
         assert st.stage["max_travel_um"] == pytest.approx(0.6, abs=1e-6)
         assert st.corrections == st.stage["corrections"] >= 3
-        # a new reference is a new start: the loop may move again, alarm cleared
+        # a new reference keeps the travel limit where it was: still clipped
         daemon.rereference()
+        sink.wait_for(lambda: daemon.status().references_taken == 2, timeout_s=15.0)
+        n = sink.n_shifts()
+        sink.wait_for(lambda: sink.n_shifts() >= n + 20, timeout_s=15.0)
+        st = daemon.status()
+        assert st.stage is not None and st.stage["alarm"] == "travel_limit"
+        assert st.stage["max_travel_um"] <= 0.6 + 1e-6
+        assert not alarms(False)
+        # resetting the origin (ctl reset-origin) lets the loop move again
+        daemon.reset_origin()
         sink.wait_for(lambda: len(alarms(False)) == 1, timeout_s=15.0)
-        assert daemon.status().references_taken == 2
     finally:
         daemon.shutdown()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -59,6 +60,10 @@ class SystemdNotifier:
             self.watchdog_interval_s = int(usec) / 2e6
         self._sock: socket.socket | None = None
         self._stopping = False
+        # the worker (heartbeats, watchdog) and the main thread (ready, stopping,
+        # close) both notify: one lock, so close() never races a send into
+        # opening a socket nobody closes
+        self._lock = threading.Lock()
         self.sent: list[str] = []
         """Notifications sent successfully (the last 100), for status and tests."""
 
@@ -77,6 +82,10 @@ class SystemdNotifier:
             when the send failed (logged; a notification is never worth
             crashing for).
         """
+        with self._lock:
+            return self._notify(fields)
+
+    def _notify(self, fields: Mapping[str, str | int]) -> bool:
         if self._address is None or self._stopping:
             return False
         text = "\n".join(f"{key}={value}" for key, value in fields.items())
@@ -116,12 +125,14 @@ class SystemdNotifier:
 
     def stopping(self) -> bool:
         """``STOPPING=1``: shutdown began; every later notification is dropped."""
-        sent = self.notify(STOPPING=1)
-        self._stopping = True
+        with self._lock:
+            sent = self._notify({"STOPPING": 1})
+            self._stopping = True
         return sent
 
     def close(self) -> None:
         """Close the socket; idempotent."""
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
