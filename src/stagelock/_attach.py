@@ -12,6 +12,9 @@ With ``feedback=True`` the handle installs a
 :class:`~stagelock.stage.LockingEngine` for the duration of the context: each
 event's own stage move carries its position's correction (the stage is never
 moved behind the engine's back), and the original engine is put back on exit.
+
+Size: over 600 lines because the single-field and the per-position (MDA) lock
+share one handle, its worker and its life cycle.
 """
 
 from __future__ import annotations

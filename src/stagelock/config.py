@@ -18,6 +18,9 @@ variable                    overrides                     example
 ``STAGELOCK_STATE_DIR``     ``state_dir``                 ``/var/lib/stagelock``
 ``STAGELOCK_KEYS``          ``security.keys_dir``         ``/etc/stagelock/keys``
 ==========================  ============================  =====================
+
+Size: over 600 lines because it is the one configuration model: every
+section is declared here, with its documentation, by design.
 """
 
 from __future__ import annotations

@@ -10,11 +10,17 @@ thread; the main thread waits for a stop request (signal, ``stop`` command,
 ``--frames``/``--duration``) and runs the one shutdown path.
 
 With ``[stage] feedback = true`` the worker also hands every measurement to a
-:class:`~stagelock.control.StageLoop`, which may start a stage move; each
+:class:`~stagelock.stage.StageLoop`, which may start a stage move; each
 correction (or refused correction) is sent on ``stagelock.correction`` right
 after the shift that caused it. The camera→stage calibration comes from
 ``stage.calibration_file`` or is measured on the live core at start-up, before
 the first frame is measured (:func:`build_stage_loop`).
+
+Size: this module is over 600 lines because the state machine's transitions
+(reference taking per position, resume from a state directory, quality and
+stall alarms) all read and write the one state guarded by ``_lock``; wiring,
+commands, alarms and status already live in their own modules. The next split
+is the reference bookkeeping (taking, saving, resuming) into ``_references.py``.
 """
 
 from __future__ import annotations

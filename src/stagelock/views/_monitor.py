@@ -16,6 +16,9 @@ A SUB socket *connects*, so ZeroMQ reconnects on its own when a daemon restarts
 slow-joiner caveat of PUB/SUB applies: messages published before the
 subscription has propagated to the publisher are lost, so the first message
 seen may not be the first one sent.
+
+Size: over 600 lines because the three layers (state, render, loop) share one
+row model and are tested together; each layer is a separate section.
 """
 
 from __future__ import annotations
