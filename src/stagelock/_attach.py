@@ -121,7 +121,7 @@ class AttachHandle:
         attached --detach()--> detached   (also on leaving a ``with`` block)
 
     Lock frames arrive on the acquisition's thread and are put into a
-    :class:`~stagelock.daemon.KeyedLatestSlot` (at most one waiting frame per
+    :class:`~stagelock.stage.PositionSlot` (at most one waiting frame per
     position: a frame never replaces another position's); the worker measures
     them in arrival order. Frames replaced by a newer one of the same position
     are counted in :attr:`skipped`; frames of other channels/planes in
@@ -160,9 +160,8 @@ class AttachHandle:
         on_alarm: AlarmCallback | None = None,
     ) -> None:
         from stagelock.config import StageSettings
-        from stagelock.daemon import KeyedLatestSlot
         from stagelock.stage import PositionLocks
-        from stagelock.stage._mda import LockSelector
+        from stagelock.stage._mda import LockSelector, PositionSlot
 
         self.core = core
         self._on_shift = on_shift
@@ -189,10 +188,7 @@ class AttachHandle:
         self._corrections: collections.deque[Correction] = collections.deque(
             maxlen=max_estimates
         )
-        # one waiting frame per position: a frame never replaces another position's
-        self._slot: KeyedLatestSlot[PendingFrame] = KeyedLatestSlot(
-            lambda pending: pending.key
-        )
+        self._slot = PositionSlot()
         self._cond = threading.Condition()
         self._closed = False
         self.received = 0
@@ -446,15 +442,15 @@ class AttachHandle:
     # -- consumer side (worker thread) ----------------------------------------------
 
     def _run(self) -> None:
-        from stagelock.daemon import SlotClosed
+        from stagelock.stage._mda import SlotClosedError
 
         while True:
             try:
-                got = self._slot.get()
-            except SlotClosed:
+                pending = self._slot.get()
+            except SlotClosedError:
                 return
-            if got is not None:
-                self._measure_one(got[0])
+            if pending is not None:
+                self._measure_one(pending)
 
     def _measure_one(self, pending: PendingFrame) -> None:
         try:

@@ -36,6 +36,7 @@ __all__ = [
     "PositionKey",
     "PositionLocks",
     "PositionMeasurement",
+    "PositionSlot",
     "PositionState",
     "StageDriver",
     "StageLoop",
@@ -45,7 +46,7 @@ __all__ = [
     "lead_time_s",
 ]
 
-_LAZY = {"LockSelector", "LockingEngine"}
+_LAZY = {"LockSelector", "LockingEngine", "PositionSlot"}
 
 
 def __getattr__(name: str) -> Any:
