@@ -242,11 +242,6 @@ def test_corrupt_and_half_written_files(daemon_factory: Any) -> None:
     assert [int(r["frame"]) for r in read_csv(d.record)] == [0, 1, 2]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="flaky since the issue 8-13 merges: about 1 run in 3 a burst-written frame "
-    "is measured ~1.6 px off its file's truth (frame index vs file order); open",
-)
 def test_sigterm_during_burst_loses_nothing(daemon_factory: Any) -> None:
     n = 60
     shifts, frames = walking_drift(n, seed=4)

@@ -8,7 +8,12 @@ import pytest
 import tifffile
 
 from helpers import FrameCollector
-from stagelock.sources import FolderSource, FrameSource, acquisition_index
+from stagelock.sources import (
+    FolderSource,
+    FrameSource,
+    acquisition_index,
+    is_temporary_name,
+)
 
 
 def image(value: int) -> np.ndarray:
@@ -98,3 +103,53 @@ def test_corrupt_file_is_counted_and_skipped(tmp_path: Path) -> None:
 def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         FolderSource(tmp_path / "nope")
+
+
+def test_written_aside_and_renamed_files_are_read_once(tmp_path: Path) -> None:
+    got = FrameCollector()
+    src = FolderSource(tmp_path, poll_interval_s=0.02)
+    src.start(got)
+    try:
+        for i in range(5):
+            part = tmp_path / f"img_{i:03d}.tif.part"
+            tifffile.imwrite(part, image(i))
+            part.rename(tmp_path / f"img_{i:03d}.tif")
+        frames = got.wait_for(5)
+        time.sleep(0.3)  # a duplicate would come within a few polls
+        names = [Path(f.metadata["file"]).name for f in got.frames]
+        assert names == [f"img_{i:03d}.tif" for i in range(5)]
+        assert src.n_corrupt == 0
+        np.testing.assert_array_equal(frames[3].image, image(3))
+    finally:
+        src.stop()
+
+
+@pytest.mark.parametrize(
+    "name", ["a.tif.part", "a.tif.tmp", "a.tif~", ".a.tif", "a.TIF.PART"]
+)
+def test_temporary_names_are_never_frames(name: str) -> None:
+    assert is_temporary_name(name)
+    assert not is_temporary_name("a.ome.tif")
+
+
+class _SlowToWatch(FolderSource):
+    """Files land between the listing of existing files and the first event."""
+
+    def _start_observer(self) -> None:
+        for i in range(3):
+            tifffile.imwrite(self.path / f"img_{i:03d}.tif", image(i))
+        super()._start_observer()
+        self.rescan_s = 30.0  # only the first scan's sweep can find them
+
+
+def test_files_written_while_starting_come_first_and_in_order(tmp_path: Path) -> None:
+    got = FrameCollector()
+    src = _SlowToWatch(tmp_path, poll_interval_s=0.02)
+    src.start(got)
+    try:
+        tifffile.imwrite(tmp_path / "img_003.tif", image(3))
+        frames = got.wait_for(4)
+        names = [Path(f.metadata["file"]).name for f in frames]
+        assert names == [f"img_{i:03d}.tif" for i in range(4)]
+    finally:
+        src.stop()

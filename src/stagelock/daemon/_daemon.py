@@ -347,7 +347,7 @@ class Daemon:
     # -- running ----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Bind the control socket, start the worker, then the source.
+        """Bind the control socket, start the source, then the worker.
 
         Raises
         ------
@@ -372,6 +372,12 @@ class Daemon:
                     "(is another stagelock running? choose --control ENDPOINT)"
                 ) from None
             self.control.start()
+        if hasattr(self.source, "wait_for_consumer"):
+            # a folder's backlog waits for the worker instead of being skipped
+            self.source.wait_for_consumer = self._wait_for_worker
+        # the source first: the worker's first heartbeat tells clients that
+        # frames written from now on are seen (a folder is watched by then)
+        self.source.start(self._on_frame)
         self._worker = threading.Thread(
             target=self._work, name="stagelock-worker", daemon=True
         )
@@ -382,10 +388,6 @@ class Daemon:
             self._publish_endpoint or "(none)",
             self.control.endpoint if self.control else "(none)",
         )
-        if hasattr(self.source, "wait_for_consumer"):
-            # a folder's backlog waits for the worker instead of being skipped
-            self.source.wait_for_consumer = self._wait_for_worker
-        self.source.start(self._on_frame)
         if not self.source.frames_at_start:
             # a watched folder may stay empty for hours: it is ready once watching
             self._send_ready()

@@ -51,6 +51,24 @@ _MM_FIELDS = {
 }
 
 
+_TEMPORARY_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", "~")
+
+
+def is_temporary_name(name: str) -> bool:
+    """Tell whether a file name is a writer's temporary one, not a frame yet.
+
+    Writers that write aside and rename (``img.tif.part`` → ``img.tif``) make a
+    complete file appear atomically; reading the temporary file too would
+    deliver its frames twice.
+
+    Examples
+    --------
+    >>> is_temporary_name("img_000.tif.part"), is_temporary_name("img_000.tif")
+    (True, False)
+    """
+    return name.startswith(".") or name.lower().endswith(_TEMPORARY_SUFFIXES)
+
+
 def file_position(name: str, pattern: str | None = None) -> dict[str, int]:
     r"""Return the position, channel and z index a file name carries.
 
@@ -135,7 +153,9 @@ class FolderSource:
     path : str or Path
         The directory (must exist).
     pattern : str
-        Glob of the file names to read.
+        Glob of the file names to read. Names of files still being written
+        aside (``*.part``, ``*.tmp``, ``*~``, dot files; see
+        :func:`is_temporary_name`) never match: they are read once renamed.
     from_start : bool
         Also deliver files (and pages) present before :meth:`start`.
     poll_interval_s : float
@@ -250,6 +270,10 @@ class FolderSource:
             for state in self._candidates():
                 state.backlog = True
         self._start_observer()
+        # files written between the listing above and the observer's first
+        # event are named by no event: the first scan sweeps, so they come in
+        # order instead of after later files at the next periodic sweep
+        self._next_sweep = 0.0
         self._thread = threading.Thread(
             target=self._run, args=(on_frame,), name="stagelock-folder", daemon=True
         )
@@ -318,7 +342,11 @@ class FolderSource:
         else:
             entries = list(dirty)
         for entry in entries:
-            if entry in self._files or not fnmatch.fnmatch(entry.name, self.pattern):
+            if (
+                entry in self._files
+                or not fnmatch.fnmatch(entry.name, self.pattern)
+                or is_temporary_name(entry.name)
+            ):
                 continue
             try:
                 ctime = entry.stat().st_ctime
