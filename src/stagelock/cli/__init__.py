@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING
-
-from stagelock import __version__
+from typing import TYPE_CHECKING, Any
 
 from ._common import CliError, setup_logging
 
@@ -20,6 +18,30 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 __all__ = ["main"]
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, read from the installed metadata only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **_: Any) -> None:
+        super().__init__(
+            option_strings,
+            dest,
+            nargs=0,
+            default=argparse.SUPPRESS,
+            help="show program's version number and exit",
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        import stagelock
+
+        parser.exit(message=f"stagelock {stagelock.__version__}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,9 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="stagelock",
         description="Measure and cancel microscope stage drift.",
     )
-    parser.add_argument(
-        "--version", action="version", version=f"stagelock {__version__}"
-    )
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (_register, _daemon, _stage, _views, _keys, _setup):
         module.add_commands(sub)
