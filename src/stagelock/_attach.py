@@ -121,7 +121,7 @@ class AttachHandle:
         attached --detach()--> detached   (also on leaving a ``with`` block)
 
     Lock frames arrive on the acquisition's thread and are put into a
-    :class:`~stagelock.stage.PositionSlot` (at most one waiting frame per
+    :class:`~stagelock.daemon.KeyedLatestSlot` (at most one waiting frame per
     position: a frame never replaces another position's); the worker measures
     them in arrival order. Frames replaced by a newer one of the same position
     are counted in :attr:`skipped`; frames of other channels/planes in
@@ -160,8 +160,9 @@ class AttachHandle:
         on_alarm: AlarmCallback | None = None,
     ) -> None:
         from stagelock.config import StageSettings
+        from stagelock.daemon import KeyedLatestSlot
         from stagelock.stage import PositionLocks
-        from stagelock.stage._mda import LockSelector, PositionSlot
+        from stagelock.stage._mda import LockSelector
 
         self.core = core
         self._on_shift = on_shift
@@ -188,7 +189,10 @@ class AttachHandle:
         self._corrections: collections.deque[Correction] = collections.deque(
             maxlen=max_estimates
         )
-        self._slot = PositionSlot()
+        # one waiting frame per position: a frame never replaces another position's
+        self._slot: KeyedLatestSlot[PendingFrame] = KeyedLatestSlot(
+            lambda pending: pending.key
+        )
         self._cond = threading.Condition()
         self._closed = False
         self.received = 0
@@ -442,15 +446,15 @@ class AttachHandle:
     # -- consumer side (worker thread) ----------------------------------------------
 
     def _run(self) -> None:
-        from stagelock.stage._mda import SlotClosedError
+        from stagelock.daemon import SlotClosed
 
         while True:
             try:
-                pending = self._slot.get()
-            except SlotClosedError:
+                got = self._slot.get()
+            except SlotClosed:
                 return
-            if pending is not None:
-                self._measure_one(pending)
+            if got is not None:
+                self._measure_one(got[0])
 
     def _measure_one(self, pending: PendingFrame) -> None:
         try:

@@ -36,7 +36,6 @@ __all__ = [
     "PositionKey",
     "PositionLocks",
     "PositionMeasurement",
-    "PositionSlot",
     "PositionState",
     "StageDriver",
     "StageLoop",
@@ -46,7 +45,7 @@ __all__ = [
     "lead_time_s",
 ]
 
-_LAZY = {"LockSelector", "LockingEngine", "PositionSlot"}
+_LAZY = {"LockSelector", "LockingEngine"}
 
 
 def __getattr__(name: str) -> Any:

@@ -56,7 +56,6 @@ __all__ = [
     "LockSelector",
     "LockingEngine",
     "PendingFrame",
-    "PositionSlot",
     "SetupTiming",
 ]
 
@@ -314,62 +313,3 @@ class PendingFrame:
     index: dict[str, int]
     channel: str | None
     arrived_s: float
-
-
-class SlotClosedError(Exception):
-    """Raised by :meth:`PositionSlot.get` once the slot is closed and empty."""
-
-
-class PositionSlot:
-    """A bounded hand-over of lock frames: at most one waiting frame per position.
-
-    With several positions every lock frame matters (each position is visited
-    once per time point), so a frame never replaces another position's; a newer
-    frame of the *same* position replaces the waiting one (counted in
-    :attr:`skipped_total`). :meth:`get` returns the oldest waiting frame.
-    """
-
-    def __init__(self) -> None:
-        self._items: dict[PositionKey, PendingFrame] = {}
-        self._cond = threading.Condition()
-        self._closed = False
-        self.skipped_total = 0
-
-    def put(self, item: PendingFrame) -> None:
-        """Hand over a frame (never blocks)."""
-        with self._cond:
-            if self._closed:
-                return
-            if item.key in self._items:
-                del self._items[item.key]
-                self.skipped_total += 1
-            self._items[item.key] = item  # re-inserted: ordered by arrival
-            self._cond.notify()
-
-    def get(self, timeout_s: float | None = None) -> PendingFrame | None:
-        """Take the oldest waiting frame; None on timeout.
-
-        Raises
-        ------
-        SlotClosedError
-            When closed and nothing is left.
-        """
-        with self._cond:
-            if not self._items and not self._closed:
-                self._cond.wait(timeout_s)
-            if self._items:
-                key = next(iter(self._items))
-                return self._items.pop(key)
-            if self._closed:
-                raise SlotClosedError
-            return None
-
-    def close(self) -> None:
-        """Wake the consumer; waiting frames are still handed out, then it raises."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._items)
