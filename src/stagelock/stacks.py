@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
 
-__all__ = ["CSV_COLUMNS", "StackReader", "register_file"]
+__all__ = ["CSV_COLUMNS", "StackReader", "register_file", "same_file"]
 
 log = logging.getLogger(__name__)
 
@@ -197,11 +197,11 @@ def register_file(
             f"--channel {channel} is out of range: {input_path.name} has "
             f"{reader.n_channels} channel(s) (axes {reader.axes})"
         )
-    if output is not None and _same_file(output, input_path):
+    if output is not None and same_file(output, input_path):
         raise ValueError("the output file must differ from the input file")
-    if shifts_csv is not None and _same_file(shifts_csv, input_path):
+    if shifts_csv is not None and same_file(shifts_csv, input_path):
         raise ValueError("the shifts CSV must differ from the input file")
-    if output is not None and shifts_csv is not None and _same_file(output, shifts_csv):
+    if output is not None and shifts_csv is not None and same_file(output, shifts_csv):
         raise ValueError("the output file and the shifts CSV must differ")
     options: dict[str, Any] = {
         "max_shift_px": max_shift_px,
@@ -244,7 +244,7 @@ def register_file(
     return shifts
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
     """Tell whether two paths name one file (through ``..``, symlinks, hard links)."""
     if a.resolve() == b.resolve():
         return True

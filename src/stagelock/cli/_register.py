@@ -44,16 +44,6 @@ def _finite_positive(text: str) -> float:
     return value
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """Tell whether two paths name one file (through ``..``, symlinks, hard links)."""
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def _check_writable(path: Path, what: str) -> None:
     """Fail now, before any work, if ``path`` cannot be created as a file."""
     if path.is_dir():
@@ -67,14 +57,16 @@ def _check_writable(path: Path, what: str) -> None:
 
 def _check_outputs(input_path: Path, output: Path | None, shifts_csv: Path) -> None:
     """Refuse outputs that would destroy the input or each other, or cannot be made."""
+    from stagelock.stacks import same_file
+
     named = [("--shifts", shifts_csv)] + ([("-o", output)] if output else [])
     for flag, path in named:
-        if _same_file(path, input_path):
+        if same_file(path, input_path):
             raise CliError(
                 f"{flag} {path} is the input file; it would be overwritten "
                 "(choose another name)"
             )
-    if output is not None and _same_file(output, shifts_csv):
+    if output is not None and same_file(output, shifts_csv):
         raise CliError(
             f"-o {output} and --shifts {shifts_csv} name the same file; "
             "one would replace the other"
