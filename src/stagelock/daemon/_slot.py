@@ -17,115 +17,6 @@ class SlotClosed(Exception):
     """Raised by :meth:`LatestSlot.get` once the slot is closed and empty."""
 
 
-class LatestSlot(Generic[T]):
-    """Holds at most one item; a new item replaces an unread one.
-
-    The producer (a camera or folder thread) never waits: :meth:`put` stores the
-    item and returns at once. When the consumer is slower than the producer, the
-    older unread item is dropped and counted, so the consumer always measures the
-    newest frame and memory stays bounded (one frame), unlike an unbounded queue.
-
-    States: open → closed (:meth:`close`). After closing, :meth:`put` drops items
-    and :meth:`get` returns what is left, then raises :class:`SlotClosed`.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._item: T | None = None
-        self._has_item = False
-        self._closed = False
-        self._skipped_since_get = 0
-        self.skipped_total = 0
-        """Items replaced before the consumer read them, since creation."""
-        self.put_total = 0
-        """Items offered to :meth:`put`, since creation."""
-
-    def put(self, item: T) -> bool:
-        """Store ``item``, replacing any unread one.
-
-        Returns
-        -------
-        bool
-            True when an unread item was replaced (it counts as skipped).
-        """
-        with self._cond:
-            self.put_total += 1
-            if self._closed:
-                return False
-            replaced = self._has_item
-            if replaced:
-                self._skipped_since_get += 1
-                self.skipped_total += 1
-            self._item = item
-            self._has_item = True
-            self._cond.notify()
-            return replaced
-
-    def get(self, timeout_s: float | None = None) -> tuple[T, int] | None:
-        """Take the newest item, waiting up to ``timeout_s``.
-
-        Returns
-        -------
-        (item, skipped) or None
-            The item and how many items were dropped since the previous ``get``;
-            None on timeout.
-
-        Raises
-        ------
-        SlotClosed
-            When the slot is closed and empty.
-        """
-        with self._cond:
-            if not self._has_item and not self._closed:
-                self._cond.wait(timeout_s)
-            if self._has_item:
-                item = self._item
-                skipped = self._skipped_since_get
-                self._item = None
-                self._has_item = False
-                self._skipped_since_get = 0
-                self._cond.notify_all()  # a producer may wait in wait_taken
-                return item, skipped  # type: ignore[return-value]
-            if self._closed:
-                raise SlotClosed
-            return None
-
-    def wait_taken(self, timeout_s: float | None = None) -> bool:
-        """Wait until the consumer took the unread item (or the slot closed).
-
-        For producers that can wait instead of replacing (a folder's backlog:
-        the files stay on disk), so nothing is skipped.
-
-        Returns
-        -------
-        bool
-            True when the slot is empty or closed.
-        """
-        with self._cond:
-            if self._has_item and not self._closed:
-                self._cond.wait(timeout_s)
-            return not self._has_item or self._closed
-
-    def clear(self) -> int:
-        """Drop an unread item (not counted as skipped); return how many (0 or 1)."""
-        with self._cond:
-            dropped = int(self._has_item)
-            self._item = None
-            self._has_item = False
-            return dropped
-
-    def close(self) -> None:
-        """Refuse new items and wake a waiting consumer; idempotent."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._closed
-
-
 class KeyedLatestSlot(Generic[T]):
     """Holds at most one item *per key*; a new item replaces an unread one of its key.
 
@@ -164,8 +55,9 @@ class KeyedLatestSlot(Generic[T]):
             self.put_total += 1
             if self._closed:
                 return False
-            replaced = self._items.pop(key, None) is not None
+            replaced = key in self._items
             if replaced:
+                del self._items[key]
                 self._skipped_since_get += 1
                 self.skipped_total += 1
             self._items[key] = item
@@ -173,7 +65,13 @@ class KeyedLatestSlot(Generic[T]):
             return replaced
 
     def get(self, timeout_s: float | None = None) -> tuple[T, int] | None:
-        """Take the oldest waiting item (see :meth:`LatestSlot.get`).
+        """Take the oldest waiting item, waiting up to ``timeout_s``.
+
+        Returns
+        -------
+        (item, skipped) or None
+            The item and how many items were replaced since the previous
+            ``get``; None on timeout.
 
         Raises
         ------
@@ -218,3 +116,29 @@ class KeyedLatestSlot(Generic[T]):
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+
+class LatestSlot(KeyedLatestSlot[T]):
+    """Holds at most one item; a new item replaces an unread one.
+
+    The producer (a camera or folder thread) never waits: :meth:`put` stores the
+    item and returns at once. When the consumer is slower than the producer, the
+    older unread item is dropped and counted, so the consumer always measures the
+    newest frame and memory stays bounded (one frame), unlike an unbounded queue.
+
+    States: open → closed (:meth:`close`). After closing, :meth:`put` drops items
+    and :meth:`get` returns what is left, then raises :class:`SlotClosed`.
+    """
+
+    def __init__(self) -> None:
+        # every item has the same key: one waiting item in all
+        super().__init__(_one_key)
+
+
+def _one_key(item: object) -> None:
+    return None
