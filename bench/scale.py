@@ -7,6 +7,13 @@ cluster started beforehand; cluster start-up is reported separately):
 - ``huge``: one TIFF stack of ``--huge-frames`` frames, registered with the aligned
   OME-Zarr written by the workers, every worker under ``--memory-limit``.
 
+- ``cli``: the same small stacks through the command a user types, timed whole:
+  ``stagelock register ... --scheduler ADDR`` on the external cluster,
+  ``stagelock register ... --workers N`` (its own LocalCluster, start-up included).
+- ``killed`` (external, 2 workers): one worker is SIGKILLed while it runs a task;
+  the job must still deliver every frame of every stack once.
+- ``zarr``: one stack as a T×Y×X multiscale OME-Zarr 0.4 written by ome-zarr-py.
+
 Clusters: ``local`` (LocalCluster, one thread per worker) and ``external``
 (``dask scheduler`` + ``dask worker --nthreads 1`` processes on 127.0.0.1).
 Writes ``bench/results/scale.json`` and ``bench/results/scale.md``.
@@ -21,9 +28,11 @@ import argparse
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -125,6 +134,88 @@ class External:
                 p.kill()
 
 
+def write_ome_zarr(path: Path, stack_path: Path) -> None:
+    """The TIFF stack as a multiscale T×Y×X OME-Zarr 0.4, written by ome-zarr-py."""
+    import zarr
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_image
+
+    data = tifffile.imread(stack_path)
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    write_image(
+        data,
+        group,
+        axes="tyx",
+        fmt=FormatV04(),
+        scale_factors=(2,),
+        storage_options={"chunks": (16, *data.shape[1:])},
+    )
+
+
+def run_cli(args: list[str]) -> float:
+    """Wall time of one ``stagelock register`` command (fails loudly)."""
+    t0 = time.perf_counter()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stagelock",
+            "register",
+            *args,
+            "--overwrite",
+            "--no-progress",
+        ],
+        check=True,
+    )
+    return time.perf_counter() - t0
+
+
+def check_outputs(out: Path, inputs: list[Path], truths: list[np.ndarray]) -> float:
+    return max(
+        rms_of(out / f"{p.stem}.shifts.csv", t)
+        for p, t in zip(inputs, truths, strict=True)
+    )
+
+
+def killed_worker_case(
+    client: Any, inputs: list[Path], truths: list[np.ndarray], out: Path, **kw: Any
+) -> dict[str, Any]:
+    """SIGKILL a worker that is running a task; the job must still be complete."""
+    result: dict[str, Any] = {}
+
+    def job() -> None:
+        result["summaries"] = register_many(
+            inputs, out, client=client, overwrite=True, **kw
+        )
+
+    t0 = time.perf_counter()
+    runner = threading.Thread(target=job)
+    runner.start()
+    victim = None
+    while victim is None and runner.is_alive():
+        busy = [w for w, keys in client.processing().items() if keys]
+        if busy:
+            victim = busy[0]
+        else:
+            time.sleep(0.02)
+    killed_at = time.perf_counter() - t0
+    if victim is not None:
+        pid = client.run(os.getpid, workers=[victim])[victim]
+        os.kill(pid, signal.SIGKILL)
+    runner.join()
+    wall = time.perf_counter() - t0
+    summaries = result["summaries"]
+    assert all(s.outcome == "done" for s in summaries), summaries
+    frames = sum(s.n_frames for s in summaries)
+    return {
+        "wall_s": round(wall, 2),
+        "killed_at_s": round(killed_at, 2),
+        "frames": frames,
+        "every_frame_once": True,  # rms_of asserts frames == 0..n-1
+        "max_rms_px": round(check_outputs(out, inputs, truths), 4),
+    }
+
+
 def run_case(
     client: Any, inputs: list[Path], truths: list[np.ndarray], out: Path, **kw: Any
 ) -> dict[str, Any]:
@@ -180,6 +271,9 @@ def main() -> None:
             huge.with_suffix(".npy"), make_stack(huge, args.huge_frames, args.size, 99)
         )
     huge_truth = np.load(huge.with_suffix(".npy"))
+    zarr_input = data / "stack0.ome.zarr"
+    if not (zarr_input / ".zattrs").exists():
+        write_ome_zarr(zarr_input, small[0])
     huge_mb = huge.stat().st_size / 1e6
 
     results: list[dict[str, Any]] = []
@@ -220,6 +314,48 @@ def main() -> None:
                         chunk_frames=args.chunk_frames,
                         aligned="zarr",
                     )
+                    zarr_case = run_case(
+                        client,
+                        [zarr_input],
+                        [truths[0]],
+                        tmp / "zarr",
+                        chunk_frames=args.chunk_frames,
+                    )
+                    engine = (
+                        ["--scheduler", cluster.address]
+                        if kind == "external"
+                        else ["--workers", str(n)]
+                    )
+                    if kind == "local":
+                        # the command starts its own cluster: free these cores
+                        client.close()
+                        cluster.close()
+                    cli_out = tmp / "cli"
+                    cli_wall = run_cli(
+                        [
+                            *map(str, small),
+                            "--out-dir",
+                            str(cli_out),
+                            "--chunk-frames",
+                            str(args.chunk_frames),
+                            *engine,
+                        ]
+                    )
+                    cli = {
+                        "command": "stagelock register ... " + " ".join(engine),
+                        "wall_s": round(cli_wall, 2),
+                        "fps": round(sum(len(t) for t in truths) / cli_wall, 1),
+                        "max_rms_px": round(check_outputs(cli_out, small, truths), 4),
+                    }
+                    killed = None
+                    if kind == "external" and n >= 2:
+                        killed = killed_worker_case(
+                            client,
+                            small,
+                            truths,
+                            tmp / "killed",
+                            chunk_frames=args.chunk_frames,
+                        )
                 finally:
                     client.close()
                     cluster.close()
@@ -229,6 +365,9 @@ def main() -> None:
                     "startup_s": round(startup, 1),
                     "many": many,
                     "huge": big,
+                    "zarr": zarr_case,
+                    "cli": cli,
+                    "killed": killed,
                 }
                 print(json.dumps(row), flush=True)
                 results.append(row)
@@ -261,6 +400,32 @@ def main() -> None:
             f"{m['fps']} | {m['max_rms_px']} | {h['wall_s']} | {h['fps']} | "
             f"{h['max_rms_px']} |"
         )
+    lines += [
+        "",
+        "| cluster | workers | command | wall s | frames/s | RMS px "
+        "| OME-Zarr input: frames/s, RMS px | worker SIGKILLed at s: wall s, RMS px |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        c, z, k = r["cli"], r["zarr"], r["killed"]
+        killed = "-" if k is None else f"{k['killed_at_s']}: {k['wall_s']}, "
+        if k is not None:
+            killed += f"{k['max_rms_px']} (every frame once)"
+        lines.append(
+            f"| {r['cluster']} | {r['workers']} | `{c['command']}` | {c['wall_s']} | "
+            f"{c['fps']} | {c['max_rms_px']} | {z['fps']}, {z['max_rms_px']} | "
+            f"{killed} |"
+        )
+    lines += ["", "Speed-up of 2 workers over 1 (wall time, same run):", ""]
+    for kind in args.clusters.split(","):
+        by_n = {r["workers"]: r for r in results if r["cluster"] == kind}
+        if 1 in by_n and 2 in by_n:
+            one, two = by_n[1], by_n[2]
+            lines.append(
+                f"- {kind}: many {one['many']['wall_s'] / two['many']['wall_s']:.2f}x, "
+                f"huge {one['huge']['wall_s'] / two['huge']['wall_s']:.2f}x, "
+                f"command {one['cli']['wall_s'] / two['cli']['wall_s']:.2f}x"
+            )
     (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -779,6 +779,9 @@ def test_22_no_frightening_adapter_error_and_the_demo_extra_named(
         "core = create_simulated_core()\n"
         "print(core.snap().shape)\n"
         "release_core(core)\n"
+        # as documented: drop the last reference too, or exit may abort (134)
+        "del core\n"
+        "import gc; gc.collect()\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", script],

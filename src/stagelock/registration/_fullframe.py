@@ -27,6 +27,7 @@ import numpy.typing as npt
 from ._subpixel import (
     KERNEL_RADIUS,
     gaussian_shift_kernel,
+    learn_step_efficiency,
     shift_kernel,
 )
 
@@ -517,15 +518,8 @@ class FrameFit:
             new_row, new_col, cov, used, n_valid = res
             plain_r, plain_c = new_row - d_row, new_col - d_col
             sigma = math.sqrt(max(0.5 * float(cov[0, 0] + cov[1, 1]), 0.0))
-            if prev is not None:
-                norm2 = prev[0] ** 2 + prev[1] ** 2
-                if norm2 > max(2e-3, 5.0 * sigma) ** 2:
-                    # plain_k+1 = (1 - g_k η) plain_k: the step efficiency η left
-                    # by an imperfect noise compensation, learnt across frames
-                    ratio = (plain_r * prev[0] + plain_c * prev[1]) / norm2
-                    eta = (1.0 - ratio) / prev[2]
-                    if 0.2 < eta < 1.5:
-                        self.eta = 0.6 * self.eta + 0.4 * eta
+            # the step efficiency left by an imperfect noise compensation
+            self.eta = learn_step_efficiency(self.eta, (plain_r, plain_c), prev, sigma)
             gain = min(1.0 / self.eta, 3.0)
             move_r, move_c = gain * plain_r, gain * plain_c
             d_row += move_r

@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from ._fullframe import FrameFit, FrameSolution, estimate_noise
 from ._match import IntegerMatch, match_in_window
-from ._subpixel import RegionFit, RegionStack
+from ._subpixel import RegionFit, RegionStack, learn_step_efficiency
 from ._templates import select_regions
 from ._types import ShiftEstimate, Status
 from ._verify import overlap_agreement, overview, overview_factor
@@ -658,14 +658,8 @@ class Registrar:
                 return None
             plain_r, plain_c = fused.d_row - d_row, fused.d_col - d_col
             sigma = math.sqrt(max(0.5 * float(fused.cov[0, 0] + fused.cov[1, 1]), 0.0))
-            if prev is not None:
-                norm2 = prev[0] ** 2 + prev[1] ** 2
-                if norm2 > max(2e-3, 5.0 * sigma) ** 2:
-                    # plain_k+1 = (1 - g_k η) plain_k  =>  η = (1 - ratio) / g_k
-                    ratio = (plain_r * prev[0] + plain_c * prev[1]) / norm2
-                    eta = (1.0 - ratio) / prev[2]
-                    if 0.2 < eta < 1.5:
-                        stack.eta = 0.6 * stack.eta + 0.4 * eta
+            plain = (plain_r, plain_c)
+            stack.eta = learn_step_efficiency(stack.eta, plain, prev, sigma)
             gain = min(1.0 / stack.eta, 3.0)
             move_r, move_c = gain * plain_r, gain * plain_c
             d_row += move_r

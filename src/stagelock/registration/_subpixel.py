@@ -24,6 +24,7 @@ __all__ = [
     "RegionFit",
     "RegionStack",
     "gaussian_shift_kernel",
+    "learn_step_efficiency",
     "shift_kernel",
 ]
 
@@ -32,6 +33,55 @@ KERNEL_RADIUS = 4
 on well-sampled microscope images (measured in ``bench/``)."""
 
 _TAPS = np.arange(-KERNEL_RADIUS + 1, KERNEL_RADIUS + 1, dtype=np.float64)
+
+
+def learn_step_efficiency(
+    eta: float,
+    step: tuple[float, float],
+    previous: tuple[float, float, float] | None,
+    sigma_px: float,
+) -> float:
+    """Update the Gauss-Newton step efficiency η from two successive plain steps.
+
+    With a noisy reference the template's gradients carry noise energy, so each
+    plain Gauss-Newton step undershoots by the signal fraction η of that energy
+    (errors in variables): ``plain_k+1 = (1 - g_k η) plain_k`` for a step scaled
+    by the gain ``g_k``, hence ``η = (1 - ratio) / g_k``. The fixed point is
+    unbiased; η only restores fast convergence (steps are scaled by ``1/η``).
+    It is learnt across frames (an exponential average) and only from steps
+    well above the statistical uncertainty ``sigma_px``.
+
+    Parameters
+    ----------
+    eta : float
+        The current estimate.
+    step : (float, float)
+        The plain (unscaled) step just computed, rows and columns.
+    previous : (float, float, float) or None
+        The previous plain step and the gain it was applied with.
+    sigma_px : float
+        The shift's statistical uncertainty.
+
+    Returns
+    -------
+    float
+        The updated η (unchanged when the steps say nothing reliable).
+
+    References
+    ----------
+    .. [1] Baker, S. & Matthews, I. (2004). Lucas-Kanade 20 years on: a unifying
+       framework. IJCV 56, 221-255. https://doi.org/10.1023/B:VISI.0000011205.11775.fd
+    """
+    if previous is None:
+        return eta
+    norm2 = previous[0] ** 2 + previous[1] ** 2
+    if norm2 <= max(2e-3, 5.0 * sigma_px) ** 2:
+        return eta
+    ratio = (step[0] * previous[0] + step[1] * previous[1]) / norm2
+    measured = (1.0 - ratio) / previous[2]
+    if not 0.2 < measured < 1.5:
+        return eta
+    return 0.6 * eta + 0.4 * measured
 
 
 def gaussian_shift_kernel(frac: float, sigma_px: float) -> npt.NDArray[np.float32]:
