@@ -94,6 +94,8 @@ def test_sigkill_then_resume_keeps_the_reference(
 
     rows = shift_rows(record)
     assert len(rows) == 24
+    # numbering goes on across the restart: one row per frame number
+    assert [r["frame"] for r in rows] == list(range(24))
     got = np.array([[r["dx_px"], r["dy_px"]] for r in rows])
     want = TRUTH - TRUTH[0]
     np.testing.assert_allclose(got, want, atol=0.1)
@@ -201,3 +203,22 @@ def test_state_dir_files_and_lock(tmp_path: Path) -> None:
     assert saved.shape == (64, 64)
     assert ref.build_registrar().roi == (0, 0, 32, 32)
     assert len(list(tmp_path.glob("reference-*.npy"))) == 1
+
+
+def test_frame_numbers_survive_in_the_state_and_fresh_forgets_them(
+    tmp_path: Path,
+) -> None:
+    image = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    state = StateDir(tmp_path, source_name="s", source_kind="folder")
+    state.save_reference(DEFAULT_POSITION, image, registrar={}, frame=0, what="f0")
+    for i in range(1000, 1012):
+        state.note_frame(i)
+    state.close()
+    again = StateDir(tmp_path, source_name="s", source_kind="folder")
+    saved = again.load()
+    assert saved is not None and saved.next_frame == 1012
+    again.close()
+    fresh = StateDir(tmp_path, source_name="s", source_kind="folder")
+    assert fresh.load(fresh=True) is None
+    fresh.close()
+    assert not (tmp_path / "next_frame").exists()

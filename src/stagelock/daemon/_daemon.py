@@ -200,6 +200,8 @@ class Daemon:
         coverage = config.registration.coverage
         self._coverage: float | None = None if coverage == "auto" else coverage
         self._resumed = False  # the registrar came from the state directory
+        self._frame_base = 0  # added to the source's frame numbers (resumed run)
+        self._note_failed = False
         self._fatal: str | None = None  # a stop that must fail the run (exit 2)
         self._failed_sinks: set[int] = set()
         self.exit_code = 0
@@ -245,7 +247,8 @@ class Daemon:
         """Continue from a saved state: its reference and stage origin (a restart).
 
         Call before :meth:`start`. Shifts stay relative to the saved reference;
-        the stage loop keeps the saved travel-limit origin and reference position.
+        the stage loop keeps the saved travel-limit origin and reference position;
+        frame numbers go on from the last one handled.
 
         Parameters
         ----------
@@ -265,6 +268,7 @@ class Daemon:
             )
         self._registrar = registrar
         self._resumed = True
+        self._frame_base = saved.next_frame
         with self._lock:
             self._reference_frame = ref.frame
         if self.stage_loop is not None:
@@ -509,12 +513,17 @@ class Daemon:
                     break
                 if got is not None:
                     frame, skipped = got
+                    if self._frame_base:
+                        # a resumed run numbers on from where the last one ended
+                        index = frame.index + self._frame_base
+                        frame = dataclasses.replace(frame, index=index)
                     try:
                         self._handle(frame, skipped)
                     except Exception:  # never die in the loop
                         logger.exception("frame %d: unexpected error", frame.index)
                         with self._lock:
                             self._frames_failed += 1
+                    self._note_frame(frame.index)
                 now = time.monotonic()
                 self._check_stall(now)
                 self._check_control()
@@ -870,6 +879,21 @@ class Daemon:
             logger.error(
                 "saving the reference to %s failed: %s", self.state_dir.path, exc
             )
+
+    def _note_frame(self, index: int) -> None:
+        if self.state_dir is None:
+            return
+        try:
+            self.state_dir.note_frame(index)
+        except OSError as exc:
+            if not self._note_failed:  # once: the frames go on regardless
+                self._note_failed = True
+                logger.error(
+                    "saving the frame number to %s failed: %s (a restart "
+                    "will number frames from 0)",
+                    self.state_dir.path,
+                    exc,
+                )
 
     def _save_stage(self) -> None:
         loop, state = self.stage_loop, self.state_dir
