@@ -8,6 +8,8 @@ would; a list sink records every message on the worker thread.
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -22,6 +24,7 @@ from stagelock.sources import Frame, FrameSource
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
+    from pathlib import Path
 
 SHAPE = (128, 128)
 
@@ -384,3 +387,43 @@ def test_bad_frames_and_a_stalled_source_raise_and_clear_alarms(
     sink.wait_for(measuring_again, timeout_s=5.0)
     heartbeats = [m for t, m in sink.messages if t == "stagelock.status"]
     assert "source_lost" in {h["state"] for h in heartbeats}
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_record_on_a_full_disk_alarms_then_records_again(tmp_path: Path) -> None:
+    from stagelock.sinks import Recorder
+
+    n = 10
+    _, frames = walking_drift(n, seed=12, shape=SHAPE)
+    record, real = tmp_path / "r.jsonl", tmp_path / "real.jsonl"
+    record.symlink_to("/dev/full")  # every write: ENOSPC, like a full disk
+    sink = ListSink()
+
+    def paced(i: int) -> bool:
+        sink.wait_for(lambda: sink.n_shifts() > i)
+        if i == 4:  # the disk has room again
+            record.unlink()
+            record.symlink_to(real)
+        return True
+
+    daemon = Daemon(
+        validate_config({"log": {"every_n_frames": 0}}),
+        PushSource(frames, paced=paced),
+        sinks=[Recorder(record, retry_s=0.0), sink],
+        notifier=SystemdNotifier({}),
+        control=False,
+    )
+    daemon.start()
+    try:
+        sink.wait_for(lambda: sink.n_shifts() == n)
+    finally:
+        daemon.shutdown()
+    alarms = [
+        (m["alarm"], m["active"]) for t, m in sink.messages if t.endswith("alarm")
+    ]
+    assert alarms == [("record_failed", True), ("record_failed", False)]
+    frames_recorded = [
+        json.loads(line)["frame"] for line in real.read_text().splitlines()
+    ]
+    assert frames_recorded == list(range(5, n))
+    assert daemon.exit_code == 1  # lines were lost: the run says so

@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -28,6 +29,10 @@ MESSAGE = {
     "latency_ms": 4.0,
     "n_regions": 7,
 }
+
+
+def shift(frame: int) -> dict[str, Any]:
+    return {**MESSAGE, "frame": frame}
 
 
 def test_publisher_sends_topic_and_nan_free_json(ctx: zmq.Context[Any]) -> None:
@@ -98,3 +103,27 @@ def test_jsonl_recorder_takes_extra_topics(tmp_path: Path) -> None:
 def test_recorder_rejects_unknown_extension(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"must end in \.csv or \.jsonl"):
         Recorder(tmp_path / "rec.txt")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_recorder_pauses_on_a_full_disk_and_records_again_once_it_has_room(
+    tmp_path: Path,
+) -> None:
+    # /dev/full fails every write with ENOSPC, like a full disk; the record
+    # path is a link to it until "the disk is freed" (the link moves)
+    record = tmp_path / "r.jsonl"
+    real = tmp_path / "real.jsonl"
+    record.symlink_to("/dev/full")
+    rec = Recorder(record, retry_s=0.0)
+    with pytest.raises(OSError, match="No space left"):
+        rec.publish("stagelock.shift", shift(0))
+    rec.publish("stagelock.shift", shift(1))  # still full: dropped, not raised
+    assert rec.error is not None and rec.lines_dropped == 2
+    record.unlink()
+    record.symlink_to(real)
+    rec.publish("stagelock.shift", shift(2))
+    rec.publish("stagelock.shift", shift(3))
+    rec.close()
+    assert rec.error is None and rec.lines_written == 2
+    frames = [json.loads(line)["frame"] for line in real.read_text().splitlines()]
+    assert frames == [2, 3]

@@ -970,6 +970,15 @@ class Daemon:
                 sink.publish(topic, message)
             except Exception as exc:
                 self._sink_failed(sink, topic, exc)
+            else:
+                if self._failed_sinks and id(sink) in self._failed_sinks:
+                    self._sink_recovered(sink)
+
+    def _sink_recovered(self, sink: ShiftSink) -> None:
+        if getattr(sink, "error", None) is not None:
+            return  # still failing: the message was dropped, not written
+        self._failed_sinks.discard(id(sink))
+        self.alarms.set(getattr(sink, "failure_alarm", "sink_failed"), None)
 
     def _sink_failed(self, sink: ShiftSink, topic: str, exc: Exception) -> None:
         """Report a sink's failure once (one line, an alarm), not per message."""
@@ -984,8 +993,8 @@ class Daemon:
         if isinstance(exc, OSError):
             # the alarm's own log line is the one line about it
             text = (
-                f"cannot write {where}: {exc.strerror or exc}; recording stopped "
-                "(measuring goes on)"
+                f"cannot write {where}: {exc.strerror or exc}; recording paused, "
+                "retried every few seconds (measuring goes on)"
             )
         else:
             text = f"{where} failed on {topic}: {exc}"

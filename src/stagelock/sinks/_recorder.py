@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
+import math
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -37,11 +40,13 @@ SHIFT_COLUMNS: tuple[str, ...] = (
 class Recorder:
     """Append messages to ``path``, one line each, flushed per line.
 
-    A write error (disk full, file too large) stops the record: the first
+    A write error (disk full, file too large) pauses the record: the first
     failing :meth:`publish` raises the :class:`OSError` (the daemon turns it
     into the ``record_failed`` alarm), later messages are counted in
-    :attr:`lines_dropped`. Opening a file whose last line is incomplete ends that
-    line first, so appended rows never merge with a torn one.
+    :attr:`lines_dropped`, and every ``retry_s`` the file is reopened and the
+    next message tried again; once a write succeeds :attr:`error` is None again
+    (the daemon clears the alarm). Opening a file whose last line is incomplete
+    ends that line first, so appended rows never merge with a torn one.
 
     The format follows the extension: ``.csv`` (one row per message of the CSV
     topic, columns :data:`SHIFT_COLUMNS`) or ``.jsonl`` (one JSON object per
@@ -63,6 +68,8 @@ class Recorder:
         CSV columns (keys of the message); missing keys are left empty.
     fsync : bool
         Also ``os.fsync`` after every line (survives a power cut, costs ~ms).
+    retry_s : float
+        After a write error, how long to wait before trying again.
 
     Raises
     ------
@@ -84,8 +91,11 @@ class Recorder:
         csv_topic: str = SHIFT_TOPIC,
         columns: Sequence[str] = SHIFT_COLUMNS,
         fsync: bool = False,
+        retry_s: float = 5.0,
     ) -> None:
         self.path = Path(path)
+        self.retry_s = float(retry_s)
+        self._retry_at = 0.0
         suffix = self.path.suffix.lower()
         if suffix not in (".csv", ".jsonl"):
             raise ValueError(
@@ -104,21 +114,42 @@ class Recorder:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.format == "csv":
             self._check_header()
+        self._fh: BinaryIO | None = None
+        self._open()
+
+    def _open(self) -> None:
         # append mode: a restart adds lines, never truncates earlier data; raw
         # (unbuffered) writes, so a failed write leaves nothing queued behind
-        self._fh: BinaryIO | None = self.path.open("ab", buffering=0)
+        self._fh = self.path.open("ab", buffering=0)
         end = self._fh.seek(0, os.SEEK_END)
         if end > 0 and not self._ends_with_newline():
             # a crash or a full disk tore the last line: finish it, or the next
             # row would be glued onto it
-            logger.warning(
-                "%s: the last line was incomplete (a crash or a full disk?); "
-                "ended it before appending",
-                self.path,
-            )
+            if self.error is None:  # a retry says so once it works
+                logger.warning(
+                    "%s: the last line was incomplete (a crash or a full disk?); "
+                    "ended it before appending",
+                    self.path,
+                )
             self._write_bytes(b"\n")
         if self.format == "csv" and end == 0:
             self._write_line(self._csv_line(self.columns))
+
+    def _reopen(self) -> bool:
+        """Try the file again after a write error; True when it takes lines."""
+        now = time.monotonic()
+        if now < self._retry_at:
+            return False
+        self._retry_at = now + self.retry_s
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                self._fh.close()
+            self._fh = None
+        try:
+            self._open()
+        except OSError:
+            return False
+        return True
 
     def _ends_with_newline(self) -> bool:
         with self.path.open("rb") as fh:
@@ -171,7 +202,10 @@ class Recorder:
         """
         if topic not in self.topics:
             return
-        if self._fh is None or self.error is not None:
+        if self.error is not None and not self._reopen():
+            self.lines_dropped += 1
+            return
+        if self._fh is None:
             self.lines_dropped += 1
             return
         safe = json_safe(message)
@@ -186,14 +220,27 @@ class Recorder:
         try:
             self._write_line(line)
         except OSError as exc:
-            # stop at the first failure: one error for the caller, no torn
-            # lines piling up; a restart finishes the torn line and appends
+            if self.error is not None:
+                self.lines_dropped += 1
+                return  # still failing: reported once already
+            # pause at the first failure: one error for the caller, no torn
+            # lines piling up; the retry (or a restart) ends the torn line
             self.error = exc
+            self._retry_at = time.monotonic() + self.retry_s
             self.lines_dropped += 1
             raise
+        if self.error is not None:
+            logger.warning(
+                "%s: recording again after %s (%d lines dropped so far)",
+                self.path,
+                self.error.strerror or self.error,
+                self.lines_dropped,
+            )
+            self.error = None
 
     def close(self) -> None:
         """Flush, sync and close the file; idempotent."""
+        self._retry_at = math.inf  # closed: no reopening
         if self._fh is None:
             return
         fh, self._fh = self._fh, None
