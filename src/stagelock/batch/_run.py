@@ -121,10 +121,44 @@ class ChunkRows:
 
 
 def _single_thread() -> None:
-    """One OpenCV thread per task: the cluster's size is the only parallelism."""
+    """One OpenCV thread per task: the cluster's size is the only parallelism.
+
+    Also undoes, once per worker process, what Dask's nanny sets for memory
+    accounting (``MALLOC_TRIM_THRESHOLD_=65536``): an explicit trim threshold
+    turns off glibc's adaptive mmap threshold, so every array above 128 kB
+    (each frame's temporaries) becomes a fresh ``mmap`` with page faults on
+    first touch. Measured: 17.7 → 29.5 ms per 512² frame in a plain process
+    with that variable; the worker ran at 36 ms. Heap allocations up to 32 MiB
+    and a 64 MiB trim threshold bring it back.
+    """
     import cv2
 
     cv2.setNumThreads(1)
+    _heap_allocations()
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_heap_done = False
+
+
+def _heap_allocations() -> None:
+    global _heap_done  # once per process
+    if _heap_done:
+        return
+    _heap_done = True
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to undo
+        return
+    mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+    mallopt(_M_TRIM_THRESHOLD, 64 * 1024 * 1024)
 
 
 def prepare_reference(
