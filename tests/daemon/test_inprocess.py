@@ -183,7 +183,7 @@ def test_burst_into_a_slow_sink_counts_skipped(
     got = sink.shifts()
     assert st.frames_received == n
     assert st.frames_skipped > n // 2, "a fast camera into a slow sink skips frames"
-    assert st.frames_measured >= 4
+    assert st.frames_measured >= 3  # the worker may start after the burst began
     assert len(got) == st.frames_measured
     # the reference is the first frame measured; every gap is exactly `skipped`
     ref = got[0]["frame"]
