@@ -971,7 +971,7 @@ class Daemon:
             except Exception as exc:
                 self._sink_failed(sink, topic, exc)
             else:
-                if self._failed_sinks and id(sink) in self._failed_sinks:
+                if id(sink) in self._failed_sinks:
                     self._sink_recovered(sink)
 
     def _sink_recovered(self, sink: ShiftSink) -> None:
