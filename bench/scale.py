@@ -47,7 +47,10 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def make_stack(path: Path, n_frames: int, size: int, seed: int) -> np.ndarray:
-    truth = random_drift(n_frames, creep_px_per_frame=(0.05, -0.03), seed=seed)
+    # the creep of 400 frames spread over the whole stack: a long stack drifts
+    # ~20 px too, inside the default capture range (50 px)
+    creep = 0.05 * min(1.0, 400 / n_frames), -0.03 * min(1.0, 400 / n_frames)
+    truth = random_drift(n_frames, creep_px_per_frame=creep, seed=seed)
 
     def planes():
         for lo in range(0, n_frames, 50):
@@ -268,7 +271,7 @@ def main() -> None:
             np.save(truth_path, make_stack(path, args.frames, args.size, seed=i))
         small.append(path)
         truths.append(np.load(truth_path))
-    huge = data / f"huge{args.huge_frames}.tif"
+    huge = data / f"huge{args.huge_frames}-creep400.tif"
     huge_mb = 0.0
     if args.huge_frames:  # 0: no huge case
         if not huge.with_suffix(".npy").exists():

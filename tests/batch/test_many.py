@@ -43,7 +43,7 @@ def test_output_stem_and_inputs(tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.parametrize("reference", ["first", "keyframe"])
+@pytest.mark.parametrize("reference", ["first", "keyframe", "previous"])
 def test_many_inputs_on_the_cluster(
     client: Any, stacks: dict[Path, np.ndarray], tmp_path: Path, reference: str
 ) -> None:
@@ -123,3 +123,29 @@ def test_cli_usage_errors_exit_2(
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_out_dir_passes_coverage_and_reference(
+    stacks: dict[Path, np.ndarray], tmp_path: Path
+) -> None:
+    """``--coverage`` and ``--reference previous`` reach every input's registration."""
+    path = next(iter(stacks))
+    name = f"{output_stem(path)}.shifts.csv"
+    for flags, kwargs in (
+        (["--coverage", "1.0"], {"coverage": 1.0}),
+        (["--reference", "previous"], {"reference": "previous"}),
+    ):
+        cli_dir, api_dir = tmp_path / f"cli{flags[1]}", tmp_path / f"api{flags[1]}"
+        argv = ["register", str(path), "--out-dir", str(cli_dir), "--no-progress"]
+        assert main([*argv, *flags]) == 0
+        stagelock.register_many([path], api_dir, workers=0, **kwargs)  # type: ignore[arg-type]
+        assert (cli_dir / name).read_text() == (api_dir / name).read_text()
+    # the settings changed the rows: they were not silently dropped
+    assert (tmp_path / "cli1.0" / name).read_text() != (
+        tmp_path / "cliprevious" / name
+    ).read_text()
+
+
+def test_an_unknown_reference_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="reference must be 'first'"):
+        stagelock.register_many([tmp_path / "a.tif"], tmp_path, reference="median")  # type: ignore[arg-type]

@@ -126,7 +126,7 @@ def register_many(
     aligned: AlignedFormat | Literal["auto"] | None = None,
     overwrite: bool = False,
     chunk_frames: int = DEFAULT_CHUNK_FRAMES,
-    reference: Literal["first", "mean", "keyframe"] = "first",
+    reference: Literal["first", "mean", "keyframe", "previous"] = "first",
     n_mean: int = 10,
     channel: int = 0,
     progress: bool | None = False,
@@ -160,9 +160,10 @@ def register_many(
         Redo inputs whose outputs are already complete (default: skip them).
     chunk_frames : int
         Frames per task.
-    reference : {"first", "mean", "keyframe"}
-        As :func:`stagelock.iter_estimates`; key-frame chains are cut at chunk
-        boundaries and re-joined (see :mod:`stagelock.batch._plan`).
+    reference : {"first", "mean", "keyframe", "previous"}
+        As :func:`stagelock.iter_estimates`; key-frame and previous-frame
+        chains are cut at chunk boundaries and re-joined (see
+        :mod:`stagelock.batch._plan`).
     n_mean : int
         Frames averaged by ``reference="mean"``.
     channel : int
@@ -192,6 +193,11 @@ def register_many(
         raise ValueError(clash)
     if chunk_frames < 1:
         raise ValueError(f"chunk_frames must be >= 1; got {chunk_frames}")
+    if reference not in ("first", "mean", "keyframe", "previous"):
+        raise ValueError(
+            "reference must be 'first', 'mean', 'keyframe' or 'previous'; "
+            f"got {reference!r}"
+        )
     options = RunOptions(
         reference=reference,
         n_mean=n_mean,

@@ -6,8 +6,9 @@ task. All chunks of an input measure against the same prepared reference
 ``"mean"``), so they are independent and their rows are exactly what a serial
 run computes frame by frame.
 
-``"keyframe"`` is sequential by nature (a frame becomes the reference when the
-sample has changed). Chunks still run in parallel: chunk *k* starts a fresh key
+``"keyframe"`` (and ``"previous"``, a chain of every frame to the one before)
+is sequential by nature (a frame becomes the reference when the sample has
+changed). Chunks still run in parallel: chunk *k* starts a fresh key
 frame chain at its own first frame *s_k* and also measures the first frame of
 the next chunk, *s_{k+1}* (one frame of overlap). The driver then chains the
 chunks in order: the offset of chunk *k* is the offset of chunk *k-1* plus

@@ -45,7 +45,8 @@ __all__ = ["InputSummary", "RunOptions", "cluster_client", "run_jobs"]
 
 log = logging.getLogger(__name__)
 
-Reference = Literal["first", "mean", "keyframe"]
+Reference = Literal["first", "mean", "keyframe", "previous"]
+_CHAINED = ("keyframe", "previous")  # sequential: chunks chained by the driver
 Outcome = Literal["done", "skipped", "failed"]
 _WRITE_BATCH = 16  # aligned planes buffered per write (bounded memory)
 
@@ -197,9 +198,9 @@ def measure_chunk(
     _single_thread()
     estimates: list[ShiftEstimate] = []
     link = anchor = None
-    if reference == "keyframe":
-        # a fresh key-frame chain from this chunk's first frame, one frame past
-        # its end so the driver can chain it to the next chunk (see _plan)
+    if reference in _CHAINED:
+        # a fresh chain from this chunk's first frame, one frame past its end
+        # so the driver can chain it to the next chunk (see _plan)
         stop = min(chunk.stop + 1, source.n_frames)
         first: npt.NDArray[Any] | None = None
 
@@ -211,7 +212,7 @@ def measure_chunk(
                 yield frame
 
         estimates = list(
-            iter_estimates(frames(), reference="keyframe", **registrar_options)
+            iter_estimates(frames(), reference=reference, **registrar_options)
         )
         if len(estimates) > chunk.n_frames:
             last = estimates.pop()
@@ -244,7 +245,7 @@ def measure_chunk(
         link,
         anchor,
     )
-    if target is not None and reference != "keyframe":
+    if target is not None and reference not in _CHAINED:
         align_chunk(source, chunk, rows.dx, rows.dy, target)
         rows = ChunkRows(
             rows.chunk, rows.dx, rows.dy, rows.confidence, rows.status, aligned=True
@@ -512,7 +513,7 @@ def run_jobs(
     summaries: dict[int, InputSummary] = {}
     jobs: dict[int, _Job] = {}
     owner: dict[Any, tuple[int, str]] = {}  # future -> (job, "ref"/"measure"/"align")
-    keyframe = options.reference == "keyframe"
+    keyframe = options.reference in _CHAINED
 
     def fail(index: int, path: Path, csv_path: Path, message: str) -> None:
         log.debug("input %s failed: %s", path, message)

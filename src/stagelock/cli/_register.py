@@ -201,6 +201,7 @@ def _run_many(args: argparse.Namespace) -> int:
             channel=args.channel,
             roi=args.roi,
             max_shift_px=args.max_shift_px,
+            coverage=args.coverage,
             progress=False if args.no_progress else None,
         )
     except (ValueError, OSError) as exc:
