@@ -219,6 +219,57 @@ def killed_worker_case(
     }
 
 
+def interleaved_cli(
+    args: argparse.Namespace,
+    small: list[Path],
+    truths: list[np.ndarray],
+    tmp: Path,
+) -> list[dict[str, Any]]:
+    """``stagelock register ... --scheduler`` on 1 and on 2 workers, alternated.
+
+    Both external clusters stay up (an idle one costs ~nothing); the command
+    runs on the 1-worker one, then the 2-worker one, ``--cli-pairs`` times.
+    """
+    from distributed import Client
+
+    clusters = {n: External(n, args.memory_limit, tmp) for n in (1, 2)}
+    pairs = []
+    try:
+        for n, cluster in clusters.items():
+            with Client(cluster.address) as c:
+                c.wait_for_workers(n, timeout=600)
+        for k in range(args.cli_pairs):
+            walls = {}
+            rms = 0.0
+            for n, cluster in clusters.items():
+                out = tmp / f"pair{n}"
+                walls[n] = run_cli(
+                    [
+                        *map(str, small),
+                        "--out-dir",
+                        str(out),
+                        "--chunk-frames",
+                        str(args.chunk_frames),
+                        "--scheduler",
+                        cluster.address,
+                    ]
+                )
+                rms = max(rms, check_outputs(out, small, truths))
+            pair = {
+                "pair": k + 1,
+                "one_s": round(walls[1], 2),
+                "two_s": round(walls[2], 2),
+                "speedup": round(walls[1] / walls[2], 3),
+                "max_rms_px": round(rms, 4),
+            }
+            print(json.dumps(pair), flush=True)
+            pairs.append(pair)
+    finally:
+        for cluster in clusters.values():
+            cluster.close()
+    return pairs
+
+
 def run_case(
     client: Any, inputs: list[Path], truths: list[np.ndarray], out: Path, **kw: Any
 ) -> dict[str, Any]:
@@ -250,6 +301,12 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2")
     ap.add_argument(
         "--cli-repeat", type=int, default=3, help="command runs (median reported)"
+    )
+    ap.add_argument(
+        "--cli-pairs",
+        type=int,
+        default=0,
+        help="then time the command on 1 and 2 external workers alternately, N pairs",
     )
     ap.add_argument("--clusters", default="local,external")
     ap.add_argument(
@@ -284,6 +341,7 @@ def main() -> None:
         write_ome_zarr(zarr_input, small[0])
 
     results: list[dict[str, Any]] = []
+    pairs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for kind in args.clusters.split(","):
@@ -355,13 +413,17 @@ def main() -> None:
                         )
                         for _ in range(args.cli_repeat)
                     ]
-                    cli_wall = float(np.median(cli_walls))
+                    cli_wall = float(np.median(cli_walls)) if cli_walls else None
                     cli = {
                         "command": "stagelock register ... " + " ".join(engine),
-                        "wall_s": round(cli_wall, 2),
+                        "wall_s": None if cli_wall is None else round(cli_wall, 2),
                         "wall_s_samples": [round(w, 2) for w in cli_walls],
-                        "fps": round(sum(len(t) for t in truths) / cli_wall, 1),
-                        "max_rms_px": round(check_outputs(cli_out, small, truths), 4),
+                        "fps": None
+                        if cli_wall is None
+                        else round(sum(len(t) for t in truths) / cli_wall, 1),
+                        "max_rms_px": None
+                        if cli_wall is None
+                        else round(check_outputs(cli_out, small, truths), 4),
                     }
                     killed = None
                     if kind == "external" and n >= 2:
@@ -387,6 +449,19 @@ def main() -> None:
                 }
                 print(json.dumps(row), flush=True)
                 results.append(row)
+                write_results(args, huge_mb, results, pairs)
+        if args.cli_pairs:
+            pairs.extend(interleaved_cli(args, small, truths, tmp))
+    write_results(args, huge_mb, results, pairs)
+
+
+def write_results(
+    args: argparse.Namespace,
+    huge_mb: float,
+    results: list[dict[str, Any]],
+    pairs: list[dict[str, Any]],
+) -> None:
+    """Write what is measured so far (after every row: a stopped run keeps it)."""
     load = os.getloadavg()
     doc = {
         "config": {
@@ -396,6 +471,7 @@ def main() -> None:
             "loadavg_after": [round(v, 1) for v in load],
         },
         "runs": results,
+        "cli_pairs": pairs,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "scale.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -446,10 +522,37 @@ def main() -> None:
             lines.append(
                 f"- {kind}: many {one['many']['wall_s'] / two['many']['wall_s']:.2f}x, "
                 f"huge {huge_ratio}, "
-                f"command {one['cli']['wall_s'] / two['cli']['wall_s']:.2f}x"
+                "command "
+                + (
+                    f"{one['cli']['wall_s'] / two['cli']['wall_s']:.2f}x"
+                    if one["cli"]["wall_s"] and two["cli"]["wall_s"]
+                    else "see the pairs below"
+                )
             )
+    if pairs:
+        lines += [
+            "",
+            "The whole command, 1 and 2 external workers alternated "
+            "(1, 2, 1, 2, ...: a drifting machine speed hits both alike):",
+            "",
+            "| pair | 1 worker s | 2 workers s | speed-up | RMS px |",
+            "|---|---|---|---|---|",
+        ]
+        for p in pairs:
+            lines.append(
+                f"| {p['pair']} | {p['one_s']} | {p['two_s']} | {p['speedup']}x | "
+                f"{p['max_rms_px']} |"
+            )
+        one = float(np.median([p["one_s"] for p in pairs]))
+        two = float(np.median([p["two_s"] for p in pairs]))
+        lines += [
+            "",
+            f"Median: 1 worker {one:.1f} s, 2 workers {two:.1f} s: "
+            f"**{one / two:.2f}x** (median of the pairs' ratios "
+            f"{np.median([p['speedup'] for p in pairs]):.2f}x)",
+        ]
     (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +13,15 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The suite starts ~100 Python processes (daemons, CLIs, Dask workers). With
+    # PYTHONDONTWRITEBYTECODE set (as on these machines) each one recompiled
+    # stagelock, pydantic, useq, pymmcore-plus and dask from source: ~10 s of a
+    # simulated daemon's 22 s start. Bytecode written once is read by all.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    sys.dont_write_bytecode = False
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
