@@ -12,6 +12,8 @@ if TYPE_CHECKING:
 
 distributed = pytest.importorskip("distributed")
 
+from stagelock.batch._run import LOOPBACK_HTTP  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def client() -> Iterator[Any]:
@@ -23,6 +25,7 @@ def client() -> Iterator[Any]:
         processes=True,
         host="127.0.0.1",
         dashboard_address=None,
+        scheduler_kwargs=LOOPBACK_HTTP,
         silence_logs=logging.ERROR,
     )
     with distributed.Client(cluster) as c:

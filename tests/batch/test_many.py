@@ -102,6 +102,27 @@ def test_cli_many_inputs_on_a_scheduler(
         assert rms(shifts, truth) <= 0.05
 
 
+def test_cli_workers_starts_its_own_local_cluster(
+    stacks: dict[Path, np.ndarray],
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """``--workers 2``: a LocalCluster of its own, quiet on the console."""
+    out = tmp_path / "out"
+    paths = list(stacks)[:2]
+    argv = ["register", *map(str, paths), "--out-dir", str(out), "--no-progress"]
+    code = main([*argv, "--workers", "2", "--chunk-frames", "12"])
+    captured = capfd.readouterr()
+    assert code == 0, captured.err
+    assert "2 of 2 inputs complete" in captured.out
+    # no dashboard, no scheduler/nanny INFO chatter on the console
+    assert "dashboard" not in captured.err.lower() and "INFO" not in captured.err
+    for path in paths:
+        frames, shifts, _ = read_shifts_csv(out / f"{output_stem(path)}.shifts.csv")
+        assert frames == list(range(BATCH_FRAMES))
+        assert rms(shifts, stacks[path]) <= 0.05
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

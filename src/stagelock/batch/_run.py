@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from ._progress import BatchProgress
 
-__all__ = ["InputSummary", "RunOptions", "cluster_client", "run_jobs"]
+__all__ = ["LOOPBACK_HTTP", "InputSummary", "RunOptions", "cluster_client", "run_jobs"]
 
 log = logging.getLogger(__name__)
 
@@ -366,6 +366,10 @@ class _DaskExecutor:
             return None, exc
 
 
+LOOPBACK_HTTP = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
+"""Scheduler options of our LocalClusters: no dashboard, HTTP on loopback."""
+
+
 @contextlib.contextmanager
 def cluster_client(
     workers: int, memory_limit: str | int | None = None
@@ -383,6 +387,10 @@ def cluster_client(
         processes=True,
         host="127.0.0.1",
         dashboard_address=None,
+        # the scheduler's HTTP server (health, metrics) starts even without a
+        # dashboard, on 8787 unless told: a free loopback port instead, so a
+        # second cluster (or a Jupyter one) neither collides nor warns
+        scheduler_kwargs=LOOPBACK_HTTP,
         memory_limit=memory_limit if memory_limit is not None else "auto",
         silence_logs=logging.ERROR,
     )
