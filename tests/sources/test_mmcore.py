@@ -189,17 +189,28 @@ def test_demo_config_frames_follow_the_stage(demo_core, collect):
     source.start(collect)
     try:
         wait_until(lambda: len(collect) >= 2, 10.0, "demo frames")
+        registrar = Registrar(collect.snapshot()[0].image, max_shift_px=30)
         core.setRelativeXYPosition(12.0, 6.0)
         core.waitForDevice(core.getXYStageDevice())
+        # frames drawn before the move may still be queued on a loaded machine:
+        # the newest frame must show the move soon, and then keep showing it
+        moved: list[tuple[float, float]] = []
+
+        def newest_shows_the_move() -> bool:
+            est = registrar.measure(collect.snapshot()[-1].image)
+            moved.append((est.dx_px, est.dy_px))
+            # the demo camera moves its beads 1 px per µm, against the stage
+            return bool(np.allclose(moved[-1], (-12.0, -6.0), atol=0.2))
+
+        wait_until(newest_shows_the_move, 10.0, "a frame showing the move")
         n = len(collect)
-        wait_until(lambda: len(collect) >= n + 3, 10.0, "frames after the move")
+        wait_until(lambda: len(collect) >= n + 2, 10.0, "frames after the move")
     finally:
         source.stop()
     frames = collect.snapshot()
     assert frames[0].image.shape == (512, 512)
     assert [f.index for f in frames] == list(range(len(frames)))
-    est = Registrar(frames[0].image, max_shift_px=30).measure(frames[-1].image)
-    # the demo camera moves its beads 1 px per µm, against the stage
+    est = registrar.measure(frames[-1].image)
     np.testing.assert_allclose((est.dx_px, est.dy_px), (-12.0, -6.0), atol=0.2)
 
 
