@@ -174,6 +174,20 @@ def run_cli(args: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+def register_command(
+    small: list[Path], out: Path, chunk_frames: int, engine: list[str]
+) -> list[str]:
+    """The arguments of ``stagelock register`` for the small stacks."""
+    return [
+        *map(str, small),
+        "--out-dir",
+        str(out),
+        "--chunk-frames",
+        str(chunk_frames),
+        *engine,
+    ]
+
+
 def check_outputs(out: Path, inputs: list[Path], truths: list[np.ndarray]) -> float:
     return max(
         rms_of(out / f"{p.stem}.shifts.csv", t)
@@ -246,15 +260,9 @@ def interleaved_cli(
                 time.sleep(2.0)  # let the workers' start-up settle
                 out = tmp / f"pair{n}"
                 walls[n] = run_cli(
-                    [
-                        *map(str, small),
-                        "--out-dir",
-                        str(out),
-                        "--chunk-frames",
-                        str(args.chunk_frames),
-                        "--scheduler",
-                        cluster.address,
-                    ]
+                    register_command(
+                        small, out, args.chunk_frames, ["--scheduler", cluster.address]
+                    )
                 )
                 rms = max(rms, check_outputs(out, small, truths))
             finally:
@@ -404,14 +412,7 @@ def main() -> None:
                     cli_out = tmp / "cli"
                     cli_walls = [
                         run_cli(
-                            [
-                                *map(str, small),
-                                "--out-dir",
-                                str(cli_out),
-                                "--chunk-frames",
-                                str(args.chunk_frames),
-                                *engine,
-                            ]
+                            register_command(small, cli_out, args.chunk_frames, engine)
                         )
                         for _ in range(args.cli_repeat)
                     ]

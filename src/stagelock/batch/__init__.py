@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from ._plan import DEFAULT_CHUNK_FRAMES, Chunk, plan_chunks, runs_in_process
 from ._progress import BatchProgress, summary_table
@@ -28,7 +28,7 @@ from ._readers import (
     output_stem,
     stems_clash,
 )
-from ._run import InputSummary, RunOptions, cluster_client, run_jobs
+from ._run import InputSummary, Reference, RunOptions, cluster_client, run_jobs
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -126,7 +126,7 @@ def register_many(
     aligned: AlignedFormat | Literal["auto"] | None = None,
     overwrite: bool = False,
     chunk_frames: int = DEFAULT_CHUNK_FRAMES,
-    reference: Literal["first", "mean", "keyframe", "previous"] = "first",
+    reference: Reference = "first",
     n_mean: int = 10,
     channel: int = 0,
     progress: bool | None = False,
@@ -193,7 +193,7 @@ def register_many(
         raise ValueError(clash)
     if chunk_frames < 1:
         raise ValueError(f"chunk_frames must be >= 1; got {chunk_frames}")
-    if reference not in ("first", "mean", "keyframe", "previous"):
+    if reference not in get_args(Reference):
         raise ValueError(
             "reference must be 'first', 'mean', 'keyframe' or 'previous'; "
             f"got {reference!r}"

@@ -41,7 +41,14 @@ if TYPE_CHECKING:
 
     from ._progress import BatchProgress
 
-__all__ = ["LOOPBACK_HTTP", "InputSummary", "RunOptions", "cluster_client", "run_jobs"]
+__all__ = [
+    "LOOPBACK_HTTP",
+    "InputSummary",
+    "Reference",
+    "RunOptions",
+    "cluster_client",
+    "run_jobs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -481,15 +488,15 @@ def _error_text(exc: BaseException) -> str:
     return line if isinstance(exc, ValueError) else f"{type(exc).__name__}: {line}"
 
 
-def _compose(job: _Job, keyframe: bool) -> None:
-    """Concatenate the chunks' rows in order; chain key-frame chunks (see _plan)."""
+def _compose(job: _Job, chained: bool) -> None:
+    """Concatenate the chunks' rows in order; chain sequential chunks (see _plan)."""
     parts = [job.rows[c.index] for c in job.chunks]
     dx = np.concatenate([p.dx for p in parts])
     dy = np.concatenate([p.dy for p in parts])
     confidence = np.concatenate([p.confidence for p in parts])
     status = [s for p in parts for s in p.status]
     offset: tuple[float, float] | None = (0.0, 0.0)
-    for k in range(1, len(parts) if keyframe else 0):
+    for k in range(1, len(parts) if chained else 0):
         prev, part = parts[k - 1], parts[k]
         if offset is not None and prev.link is not None:
             offset = (offset[0] + prev.link[0], offset[1] + prev.link[1])
@@ -521,7 +528,7 @@ def run_jobs(
     summaries: dict[int, InputSummary] = {}
     jobs: dict[int, _Job] = {}
     owner: dict[Any, tuple[int, str]] = {}  # future -> (job, "ref"/"measure"/"align")
-    keyframe = options.reference in _CHAINED
+    chained = options.reference in _CHAINED
 
     def fail(index: int, path: Path, csv_path: Path, message: str) -> None:
         log.debug("input %s failed: %s", path, message)
@@ -609,8 +616,8 @@ def run_jobs(
             progress.advance(rows.chunk.n_frames * (2 if rows.aligned else 1))
             if len(job.rows) < len(job.chunks):
                 continue
-            _compose(job, keyframe)
-            if job.target is not None and keyframe:
+            _compose(job, chained)
+            if job.target is not None and chained:
                 assert job.dx is not None and job.dy is not None
                 for chunk in job.chunks:
                     lo, hi = chunk.start, chunk.stop
