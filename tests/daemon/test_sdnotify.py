@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import uuid
 from typing import TYPE_CHECKING
 
@@ -78,21 +79,24 @@ def test_vanished_socket_is_logged_not_raised(
     notifier.close()
 
 
-def test_unread_notify_socket_never_blocks_the_sender(tmp_path) -> None:
-    import socket
-    import time
-
-    from stagelock.daemon import SystemdNotifier
-
+def test_unread_notify_socket_never_blocks_the_sender(tmp_path: Path) -> None:
     path = tmp_path / "notify.sock"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     server.bind(str(path))
+    notifier = SystemdNotifier({"NOTIFY_SOCKET": str(path)})
+    results: list[bool] = []
+
+    def flood() -> None:  # nobody reads: the queue fills after a few hundred
+        results.extend(notifier.status(f"frame {i}") for i in range(2000))
+
+    sender = threading.Thread(target=flood, daemon=True)
     try:
-        notifier = SystemdNotifier({"NOTIFY_SOCKET": str(path)})
-        start = time.monotonic()
-        results = [notifier.status(f"frame {i}") for i in range(2000)]
-        assert time.monotonic() - start < 2.0  # nobody reads: sends are dropped
+        sender.start()
+        # a blocking send would hang here for good; a dropped one returns at once
+        sender.join(timeout=60.0)
+        assert not sender.is_alive(), "a send to a full notify socket blocked"
         assert results[0] is True and results[-1] is False
-        notifier.close()
+        assert 0 < results.count(True) < 2000
     finally:
+        notifier.close()
         server.close()

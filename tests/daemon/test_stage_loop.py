@@ -192,9 +192,13 @@ def test_closed_loop_holds_the_image_while_open_loop_drifts(
     assert len(locked) >= 50
     residual_max = float(np.hypot(*locked.T).max())
     residual_rms = float(np.sqrt(np.mean(np.sum(locked**2, axis=1))))
-    # the RMS is the hold; one late correction on a slow host (measured 1.02 px
-    # in CI, 5-10x slower than usual) may overshoot a pixel for a frame
-    assert residual_max < 1.5, residual_max
+    # within a pixel, plus what the sample creeps between two measured frames:
+    # the loop cannot see the creep sooner (25 fps: 0.06 px; a CI host 5-10x
+    # slower than usual measured 1.02 px with the frames that much further apart)
+    times = np.array([m["time"] for m in shifts if m["frame"] >= 25])
+    creep_px_per_s = float(np.hypot(*CREEP_UM_PER_S)) / PIXEL_SIZE_UM
+    one_frame_px = creep_px_per_s * float(np.diff(times).max())
+    assert residual_max < 1.0 + one_frame_px, (residual_max, one_frame_px)
     assert residual_rms < 0.4, residual_rms
     # open loop: the same creep moves the image ~1.4 px/s, and it keeps going
     drift = opened.topic("stagelock.shift")
@@ -208,7 +212,7 @@ def test_closed_loop_holds_the_image_while_open_loop_drifts(
     moved = math.hypot(
         drift[-1]["dx_px"] - drift[0]["dx_px"], drift[-1]["dy_px"] - drift[0]["dy_px"]
     )
-    assert moved == pytest.approx(1.44 * elapsed_s, rel=0.3)
+    assert moved == pytest.approx(creep_px_per_s * elapsed_s, rel=0.3)
     print(  # the numbers, for -s
         f"closed loop: residual max {residual_max:.3f} px, RMS {residual_rms:.3f} "
         f"px; open loop: {late:.2f} px after {elapsed_s:.1f} s"
