@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -304,6 +305,52 @@ def make_movie(
         movie[i] = noise.expose(clean, rng)
     info: dict[str, object] = {"upscale": factor, "debris_frames": debris_at}
     return movie, truth, info
+
+
+def movie_bound(spec: MovieSpec) -> dict[str, float] | None:
+    """Cramér-Rao bound over the movie's frames 1..T-1 (noisy frame-0 reference).
+
+    Each frame's own bound, from its noiseless content as the movie drew it:
+    frame 0's content (a shift moves little information in or out) at the
+    frame's bleached brightness, against the noisy, unbleached frame 0.
+    ``rms_px`` is the RMS over the frames of those bounds (at most 16 frames,
+    evenly spaced: the bleach is linear); ``frame0_rms_px`` is frame 0's
+    alone, the bound of a movie that did not bleach. Transient debris is not
+    modelled (it only removes information). None for noiseless movies.
+    """
+    first = frame0_bound(spec)
+    if first is None or not spec.bleach:
+        return None if first is None else {**first, "frame0_rms_px": first["rms_px"]}
+    from stagelock.registration import camera_variance, shift_crlb
+    from stagelock.sim import CameraNoise
+
+    canvas, _factor = make_canvas(spec.image, spec.size)
+    clean = np.clip(Shifter(canvas, spec.size)(0.0, 0.0), 0.0, None)
+    cam = CameraNoise(peak_photons=LEVELS[spec.level])
+
+    def variance(brightness: float) -> tuple[Any, Any]:
+        electrons = clean * brightness * cam.peak_photons + cam.background_photons
+        var = camera_variance(
+            electrons, read_noise_e=cam.read_noise_e, gain_e_per_adu=cam.gain_e_per_adu
+        )
+        return electrons, var
+
+    _e0, var0 = variance(1.0)
+    n = spec.frames
+    frames = np.unique(np.rint(np.linspace(1, n - 1, min(n - 1, 16))).astype(int))
+    sx2, sy2 = [], []
+    for i in frames:
+        electrons, var = variance(1.0 - spec.bleach * i / max(n - 1, 1))
+        b = shift_crlb(electrons / cam.gain_e_per_adu, var, reference_variance=var0)
+        sx2.append(b.sigma_x_px**2)
+        sy2.append(b.sigma_y_px**2)
+    mx, my = float(np.mean(sx2)), float(np.mean(sy2))
+    return {
+        "rms_px": math.sqrt(mx + my),
+        "sigma_x_px": math.sqrt(mx),
+        "sigma_y_px": math.sqrt(my),
+        "frame0_rms_px": first["rms_px"],
+    }
 
 
 def frame0_bound(spec: MovieSpec) -> dict[str, float] | None:

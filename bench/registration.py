@@ -227,7 +227,7 @@ def worker(plan: Row) -> Row:
     for k, spec_d in enumerate(plan["main"]):
         spec, mv, tr, meta = load(spec_d)
         if threads == "1":
-            out["bounds"][spec.name] = movies.frame0_bound(spec)
+            out["bounds"][spec.name] = movies.movie_bound(spec)
         debris = [int(b) for b in meta.get("debris_frames", []) if b < len(tr)]
         names = list(tools) if k % 2 == 0 else list(tools)[::-1]  # no order bias
         for name in names:
@@ -576,7 +576,8 @@ def tables(res: Row) -> str:
         out.append(
             "\n### RMS / Cramér-Rao bound per movie, one thread\n\n"
             "bound = RMS the whole frame allows (`stagelock.registration.shift_crlb`"
-            " of the noiseless frame 0, camera noise, noisy frame-0 reference); "
+            " of each frame's noiseless content at its bleached brightness, camera "
+            "noise, noisy frame-0 reference, RMS over the frames); "
             "1.0 = at the physical limit. Over frames 1..T-1; NaN frames left out.\n"
         )
         grid = []

@@ -27,7 +27,7 @@ from stagelock.views import (
     sparkline,
 )
 
-TIMEOUT_S = 10.0
+TIMEOUT_S = 30.0
 
 
 def shift(source: str = "scope-a", frame: int = 1, **extra: Any) -> dict[str, Any]:

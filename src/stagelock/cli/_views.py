@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -107,13 +109,30 @@ def _monitor(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     keys = client_keys(args)
-    run_monitor(
-        checked,
-        keys=keys,
-        json_output=args.json,
-        duration_s=args.duration,
-        silent_after_s=args.silent_after_s,
-    )
+    # Ctrl-C and SIGTERM end the loop at its next turn (a refresh period at
+    # most), never as an exception in the middle of a receive or a write
+    stop = threading.Event()
+
+    def _on_signal(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {
+            s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)
+        }
+    try:
+        run_monitor(
+            checked,
+            keys=keys,
+            json_output=args.json,
+            duration_s=args.duration,
+            silent_after_s=args.silent_after_s,
+            stop=stop,
+        )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 
