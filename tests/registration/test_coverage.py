@@ -189,3 +189,20 @@ def test_frame_fit_precision_over_many_noisy_pairs(base: np.ndarray) -> None:
     bound = shift_crlb(electrons / noise.gain_e_per_adu, var, reference_variance=var)
     print(f"frame fit: RMS {rms * 1e3:.2f} mpx = {rms / bound.rms_px:.2f}x the bound")
     assert rms < 1.8 * bound.rms_px
+
+
+def test_frame_fit_with_blank_tiles(base: np.ndarray) -> None:
+    # a zeroed patch (a mask, a dead camera region) and flat background: those
+    # tiles carry no information; the fit neither fails nor follows them
+    ref = base.copy()
+    ref[:96, :64] = 0.0
+    ref[120:, 150:] = 0.4
+    fit = FrameFit(ref.astype(np.float32), coverage=1.0, smooth_sigma_px=1.0)
+    frame = fourier_shift(ref, 1.3, -0.6)
+    frame[:96, :64] = 0.0  # the mask stays put on the camera
+    sol = fit.refine(frame.astype(np.float32), -0.6, 1.3)
+    assert sol is not None
+    assert_allclose([sol.d_col, sol.d_row], [1.3, -0.6], atol=0.01)
+    est = Registrar(ref, coverage=1.0, max_shift_px=10).measure(frame)
+    assert est.ok
+    assert_allclose([est.dx_px, est.dy_px], [1.3, -0.6], atol=0.02)

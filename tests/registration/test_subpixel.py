@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from stagelock.registration._subpixel import learn_step_efficiency
+from stagelock.registration._subpixel import (
+    BANDLIMITED_HALF,
+    bandlimited_shift_kernel,
+    learn_step_efficiency,
+)
 
 
 def test_step_efficiency_is_learnt_from_a_halving_step() -> None:
@@ -27,3 +32,20 @@ def test_step_efficiency_ignores_steps_that_say_nothing(
     sigma_px: float,
 ) -> None:
     assert learn_step_efficiency(0.8, step, previous, sigma_px) == 0.8
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.25, 0.5, 0.9])
+def test_bandlimited_kernel_shifts_and_blurs_inside_the_band(frac: float) -> None:
+    # its frequency response against the ideal exp(-2 pi^2 sigma^2 k^2) times the
+    # shift's phase ramp: the phase (a shift error) matters most
+    sigma = 0.5
+    kernel = bandlimited_shift_kernel(frac, sigma)
+    assert kernel.shape == (2 * BANDLIMITED_HALF + 2,)
+    assert kernel.sum() == pytest.approx(1.0, abs=1e-12)
+    taps = np.arange(-BANDLIMITED_HALF, BANDLIMITED_HALF + 2)
+    for k in (0.05, 0.2, 0.3, 0.4):
+        response = np.sum(kernel * np.exp(2j * np.pi * k * taps))
+        ideal = np.exp(-2 * np.pi**2 * sigma**2 * k**2 + 2j * np.pi * k * frac)
+        shift_error_px = np.angle(response / ideal) / (2 * np.pi * k)
+        assert abs(shift_error_px) < 0.002
+        assert abs(abs(response) / abs(ideal) - 1.0) < 0.025

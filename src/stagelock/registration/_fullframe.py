@@ -25,7 +25,9 @@ import numpy as np
 import numpy.typing as npt
 
 from ._subpixel import (
+    BANDLIMITED_HALF,
     KERNEL_RADIUS,
+    bandlimited_shift_kernel,
     gaussian_shift_kernel,
     learn_step_efficiency,
     shift_kernel,
@@ -118,8 +120,15 @@ def estimate_noise(image: npt.NDArray[np.float32]) -> NoiseModel:
 
 
 def _shift_kernel(frac: float, sigma: float) -> npt.NDArray[np.float64]:
-    if sigma > 0:
+    """Return the frames' resampling kernel for ``sigma``.
+
+    σ >= 1: a sampled Gaussian (band-limited enough); 0 < σ < 1: the band-limited
+    blur; σ = 0: Lanczos-4.
+    """
+    if sigma >= 1:
         return gaussian_shift_kernel(frac, sigma).astype(np.float64)
+    if sigma > 0:
+        return bandlimited_shift_kernel(frac, sigma)
     return shift_kernel(frac).astype(np.float64)
 
 
@@ -168,7 +177,9 @@ def _filtered(
 
 
 def _reach(sigma: float) -> int:
-    return math.ceil(3.5 * sigma) if sigma > 0 else KERNEL_RADIUS - 1
+    if sigma >= 1:
+        return math.ceil(3.5 * sigma)
+    return BANDLIMITED_HALF if sigma > 0 else KERNEL_RADIUS - 1
 
 
 def _template_and_gradients(
@@ -348,9 +359,14 @@ class FrameFit:
         self.normal_inv = np.linalg.pinv(normal)
         # information about (row, col) per tile, at unit gain: the Schur
         # complement of the (T, 1) block
-        info = np.linalg.inv(self.normal_inv[..., 1:3, 1:3])  # cols: x, y
+        # pinv: a blank tile (flat, masked, zeroed) carries no information
+        info = np.linalg.pinv(self.normal_inv[..., 1:3, 1:3])  # cols: x, y
         self._info_tile = info
         score = np.linalg.eigvalsh(info)[..., 0]
+        # a tile without texture in both directions (flat background, a masked
+        # or zeroed patch) says nothing about the shift, and its near-zero
+        # residual would set the robust scale that rejects the textured tiles
+        self._textured = score > 1e-6 * max(float(score.max()), 1e-300)
         band_score = score.sum(axis=1)
         n_bands = max(1, math.ceil(self.coverage * n_ty - 1e-9))
         order = np.argsort(-band_score, kind="stable")
@@ -422,9 +438,7 @@ class FrameFit:
         )
 
     def _kernel(self, frac: float) -> npt.NDArray[np.float32]:
-        if self.sigma > 0:
-            return gaussian_shift_kernel(frac, self.sigma)
-        return shift_kernel(frac)
+        return _shift_kernel(frac, self.sigma).astype(np.float32)
 
     @property
     def fraction(self) -> float:
@@ -491,7 +505,7 @@ class FrameFit:
         coef = np.einsum("abij,abj->abi", self.normal_inv, sums[..., :4])
         gain = coef[..., 0]
         resid = sums[..., 4] - np.einsum("abi,abi->ab", coef, sums[..., :4])
-        ok = valid & (gain > 1e-6)
+        ok = valid & self._textured & (gain > 1e-6)
         n_valid = int(np.count_nonzero(ok))
         if n_valid == 0:
             return None
