@@ -11,7 +11,7 @@ from numpy.testing import assert_allclose
 from stagelock import Registrar, estimate_shifts, iter_estimates
 from stagelock.registration import coverage_for_interval, shift_crlb
 from stagelock.registration._budget import estimated_ms
-from stagelock.registration._fullframe import FrameFit, estimate_noise
+from stagelock.registration._fullframe import FrameFit, NoiseModel, estimate_noise
 from stagelock.sim import CameraNoise, fourier_shift, sample_image
 
 SHAPE = (192, 192)
@@ -206,3 +206,33 @@ def test_frame_fit_with_blank_tiles(base: np.ndarray) -> None:
     est = Registrar(ref, coverage=1.0, max_shift_px=10).measure(frame)
     assert est.ok
     assert_allclose([est.dx_px, est.dy_px], [1.3, -0.6], atol=0.02)
+
+
+def test_frame_fit_measures_the_noise_its_model_missed(base: np.ndarray) -> None:
+    # a noise model 3x too high (what the single-image estimate gives on sharp
+    # spots): the residuals of the fitted frames measure the real noise, and
+    # the bias compensation follows it
+    camera = CameraNoise(peak_photons=PEAK)
+    g = camera.gain_e_per_adu
+    alpha = 1.0 / g
+    beta = (camera.read_noise_e / g) ** 2 - camera.offset_adu / g
+    rng = np.random.default_rng(8)
+    ref = camera.expose(base, rng).astype(np.float32)
+    fits = {
+        k: FrameFit(
+            ref,
+            coverage=1.0,
+            smooth_sigma_px=1.0,
+            noise=NoiseModel(k * alpha, k * beta, k * (camera.read_noise_e / g) ** 2),
+        )
+        for k in (1.0, 3.0)
+    }
+    for dx, dy in [(0.4, -0.3), (1.1, 0.2), (-0.6, 0.9), (0.2, 0.5)]:
+        frame = camera.expose(fourier_shift(base, dx, dy), rng)
+        sols = [fit.refine(frame, dy, dx) for fit in fits.values()]
+        assert sols[0] is not None and sols[1] is not None
+    assert fits[1.0].noise_scale == pytest.approx(1.0, abs=0.1)
+    assert fits[3.0].noise_scale == pytest.approx(1.0 / 3.0, rel=0.1)
+    # the same fixed point as with the right model, well inside the noise
+    assert abs(sols[1].d_col - sols[0].d_col) < 0.1 * sols[0].sigma_px
+    assert abs(sols[1].d_row - sols[0].d_row) < 0.1 * sols[0].sigma_px

@@ -256,6 +256,11 @@ class FrameFit:
     template and its gradients (bias-compensated least squares): with a noisy
     reference, the plain normal matrix overstates the gradient energy, so every
     Gauss-Newton step would fall short by the signal fraction of that energy.
+    The noise the compensation removes is the model's times
+    :attr:`noise_scale`, measured from the residuals of the frames fitted so
+    far: the single-image noise estimate takes sharp structure for noise (3x
+    too much on sparse spots), and an over-compensated gain biases the shift
+    wherever the template and its gradients correlate.
 
     Robustness: a tile is dropped when its weighted residual exceeds 4x the
     median tile's (something there does not follow the shift: debris, a
@@ -348,21 +353,17 @@ class FrameFit:
                 if bj is not None:
                     prod = prod * bj
                 normal[:, :, i, j] = normal[:, :, j, i] = self._tile_sum(prod)
-        # bias compensation: the reference's noise energy in T, Gx, Gy
-        ref_var = self._tile_sum(weight * var_raw)
-        shrink = np.minimum(
-            c_g * ref_var, 0.7 * np.minimum(normal[..., 1, 1], normal[..., 2, 2])
-        )
-        normal[..., 0, 0] -= np.minimum(c_t * ref_var, 0.7 * normal[..., 0, 0])
-        normal[..., 1, 1] -= shrink
-        normal[..., 2, 2] -= shrink
-        self.normal_inv = np.linalg.pinv(normal)
-        # information about (row, col) per tile, at unit gain: the Schur
-        # complement of the (T, 1) block
-        # pinv: a blank tile (flat, masked, zeroed) carries no information
-        info = np.linalg.pinv(self.normal_inv[..., 1:3, 1:3])  # cols: x, y
-        self._info_tile = info
-        score = np.linalg.eigvalsh(info)[..., 0]
+        self._normal_plain = normal
+        self._normal_plain_inv = np.linalg.pinv(normal)
+        self._kappa_sum = 0.0
+        self._kappa_n = 0
+        self._ref_var = self._tile_sum(weight * var_raw)
+        self._gains = (c_t, c_g)
+        self.noise_scale = 1.0
+        """The reference's noise over the noise model's, measured by :meth:`refine`
+        from the residuals (1.0 until a frame is fitted)."""
+        self._compensate(1.0)
+        score = np.linalg.eigvalsh(self._info_tile)[..., 0]
         # a tile without texture in both directions (flat background, a masked
         # or zeroed patch) says nothing about the shift, and its near-zero
         # residual would set the robust scale that rejects the textured tiles
@@ -385,6 +386,29 @@ class FrameFit:
         a = np.asarray(image, dtype=np.float32)
         band = a.reshape(a.shape[0] // s, s, a.shape[1]).sum(axis=1, dtype=np.float64)
         return np.asarray(band.reshape(band.shape[0], -1, s).sum(axis=2))
+
+    def _compensate(self, noise_scale: float) -> None:
+        """Invert the normal matrices less the reference's noise energy.
+
+        Bias compensation: the noise of the reference (``noise_scale`` times
+        the model's) inflates the energy of the template and of its gradients;
+        left in, it attenuates the gain, and where the template and its
+        gradients correlate, the attenuated gain biases the shift.
+        """
+        c_t, c_g = self._gains
+        normal = self._normal_plain.copy()
+        ref_var = noise_scale * self._ref_var
+        shrink = np.minimum(
+            c_g * ref_var, 0.7 * np.minimum(normal[..., 1, 1], normal[..., 2, 2])
+        )
+        normal[..., 0, 0] -= np.minimum(c_t * ref_var, 0.7 * normal[..., 0, 0])
+        normal[..., 1, 1] -= shrink
+        normal[..., 2, 2] -= shrink
+        self.normal_inv = np.linalg.pinv(normal)
+        # information about (row, col) per tile, at unit gain: the Schur
+        # complement of the (T, 1) block; pinv: a blank tile (flat, masked,
+        # zeroed) carries none
+        self._info_tile = np.linalg.pinv(self.normal_inv[..., 1:3, 1:3])
 
     def _spans(
         self, ok: npt.NDArray[np.bool_], origin: int, n_tiles: int
@@ -497,10 +521,44 @@ class FrameFit:
             valid[band, tx_lo:tx_hi] = True
         return sums, valid
 
+    def _residual_noise_scale(
+        self,
+        sums: npt.NDArray[np.float64],
+        used: npt.NDArray[np.bool_],
+        d_row: float,
+        d_col: float,
+    ) -> float:
+        """Measured noise over the model's, from the tiles' least-squares residuals.
+
+        With weights ``1 / (2 v)`` a tile's residual per pixel is
+        ``κ (c_f + a² c_r) / 2``: κ the true variance over the model's ``v``,
+        ``c_f`` and ``c_r`` the noise gains of the frame's and the reference's
+        resampling kernels, ``a`` the tile's gain. The median over the tiles in
+        use is robust to debris. Structure the noise model took for noise (sharp
+        spots) makes κ < 1; faint structure it missed, κ > 1.
+        """
+        coef = np.einsum("abij,abj->abi", self._normal_plain_inv, sums[..., :4])
+        resid = sums[..., 4] - np.einsum("abi,abi->ab", coef, sums[..., :4])
+        k_row = self._kernel(d_row - math.floor(d_row)).astype(np.float64)
+        k_col = self._kernel(d_col - math.floor(d_col)).astype(np.float64)
+        c_f = float(np.sum(k_row**2) * np.sum(k_col**2))
+        c_r = self._gains[0]
+        gain = coef[..., 0]
+        kappa = 2.0 * resid / (np.maximum(self._n_px - 4, 1) * (c_f + gain**2 * c_r))
+        return float(np.median(kappa[used])) if np.any(used) else math.nan
+
     def step(
         self, frame: npt.NDArray[Any], d_row: float, d_col: float
-    ) -> tuple[float, float, npt.NDArray[np.float64], int, int] | None:
-        """One robust Gauss-Newton step from ``d``: (d_row, d_col, cov, used, valid)."""
+    ) -> tuple[float, float, npt.NDArray[np.float64], int, int, float] | None:
+        """One robust Gauss-Newton step from ``d``.
+
+        Returns
+        -------
+        tuple or None
+            ``(d_row, d_col, cov, used, valid, noise_scale)``: the new
+            displacement, its covariance, the tiles used and valid, and the
+            residuals' noise over the model's (see :meth:`_residual_noise_scale`).
+        """
         sums, valid = self._sums(frame, d_row, d_col)
         coef = np.einsum("abij,abj->abi", self.normal_inv, sums[..., :4])
         gain = coef[..., 0]
@@ -562,6 +620,7 @@ class FrameFit:
             cov_rc,
             int(np.count_nonzero(used)),
             n_valid,
+            self._residual_noise_scale(sums, used, d_row, d_col),
         )
 
     def refine(
@@ -591,11 +650,14 @@ class FrameFit:
         start = (d_row, d_col)
         out: FrameSolution | None = None
         prev: tuple[float, float, float] | None = None  # plain step, its gain
-        for _ in range(max_iter):
+        recalibrated = False
+        n_iter, it = max_iter, 0
+        while it < n_iter:
+            it += 1
             res = self.step(frame, d_row, d_col)
             if res is None:
                 return None
-            new_row, new_col, cov, used, n_valid = res
+            new_row, new_col, cov, used, n_valid, kappa = res
             plain_r, plain_c = new_row - d_row, new_col - d_col
             sigma = math.sqrt(max(0.5 * float(cov[0, 0] + cov[1, 1]), 0.0))
             # the step efficiency left by an imperfect noise compensation
@@ -612,5 +674,30 @@ class FrameFit:
                 d_row, d_col, cov, used, n_valid, move < max(1e-3, 0.25 * sigma)
             )
             if out.converged:
+                if not recalibrated:
+                    recalibrated = True
+                    if self._learn_noise_scale(kappa):
+                        # the compensation moved the fixed point: two more steps
+                        n_iter = max(n_iter, it + 2)
+                        continue
                 break
         return out
+
+    def _learn_noise_scale(self, kappa: float) -> bool:
+        """Fold one frame's measured noise scale in; True if the fit changed.
+
+        The running mean over the frames fitted so far sets the compensation
+        (:meth:`_compensate`); it is rebuilt when the mean moves by more than
+        5 %. Ratios outside [0.05, 20] are ignored: the reference against
+        itself or a noiseless copy, or a frame the fit did not explain.
+        """
+        if not 0.05 <= kappa <= 20.0:
+            return False
+        self._kappa_sum += kappa
+        self._kappa_n += 1
+        scale = self._kappa_sum / self._kappa_n
+        if abs(scale - self.noise_scale) <= 0.05 * self.noise_scale:
+            return False
+        self.noise_scale = scale
+        self._compensate(scale)
+        return True
