@@ -165,6 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Markdown table lines."""
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
+
+
 def render(results: dict[str, Any]) -> str:
     run = results["run"]
     names = (
@@ -182,27 +191,31 @@ def render(results: dict[str, Any]) -> str:
         "RMS / Cramér-Rao bound: RMS-combined over the draws (median; the movie's "
         "own reference; min-max).",
         "",
-        "| movie | bound px | " + " | ".join(names) + " |",
-        "|---|---|" + "---|" * len(names),
     ]
-    for movie, row in results["movies"].items():
-        cells = [
-            f"**{t['rms_combined']:.2f}** ({t['median']:.2f}; {t['own_reference']:.2f};"
-            f" {t['min']:.2f}-{t['max']:.2f})"
-            for t in row["tools"].values()
+    ratios = [
+        [
+            movie,
+            f"{row['bound_px']:.4f}",
+            *(
+                f"**{t['rms_combined']:.2f}** ({t['median']:.2f}; "
+                f"{t['own_reference']:.2f}; {t['min']:.2f}-{t['max']:.2f})"
+                for t in row["tools"].values()
+            ),
         ]
-        lines.append(f"| {movie} | {row['bound_px']:.4f} | " + " | ".join(cells) + " |")
+        for movie, row in results["movies"].items()
+    ]
+    lines += md_table(["movie", "bound px", *names], ratios)
     lines += [
         "",
         "Frames reported `ok` but more than 0.5 px off (of the frames reported ok), "
         "over all draws:",
         "",
-        "| movie | " + " | ".join(STATUS_SETTINGS) + " |",
-        "|---|" + "---|" * len(STATUS_SETTINGS),
     ]
-    for movie, row in results["movies"].items():
-        cells = [f"{v['frames']} of {v['of_ok']}" for v in row["false_ok"].values()]
-        lines.append(f"| {movie} | " + " | ".join(cells) + " |")
+    false_ok = [
+        [movie, *(f"{v['frames']} of {v['of_ok']}" for v in row["false_ok"].values())]
+        for movie, row in results["movies"].items()
+    ]
+    lines += md_table(["movie", *STATUS_SETTINGS], false_ok)
     return "\n".join(lines)
 
 
