@@ -640,7 +640,8 @@ class FrameFit:
         d_row, d_col : float
             Starting displacement (from the region engine), within ~1 px.
         max_iter : int
-            Maximum number of resamplings of the frame.
+            Maximum number of resamplings of the frame (two more when the
+            converged fit re-measured :attr:`noise_scale` and moved).
 
         Returns
         -------
