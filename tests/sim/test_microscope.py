@@ -184,8 +184,9 @@ def test_snap_takes_the_exposure_and_sequences_do_not_flood(make_scope) -> None:
         time.sleep(0.3)
     finally:
         core.stopSequenceAcquisition()
-    # one frame per exposure at most (plus the frame in flight)
-    assert 3 <= core.getRemainingImageCount() <= 0.3 / 0.020 + 2
+    # one frame per exposure at most (plus the frame in flight); at least one,
+    # however slowly a loaded host renders them
+    assert 1 <= core.getRemainingImageCount() <= 0.3 / 0.020 + 2
 
 
 def test_camera_fault_makes_snaps_fail(make_scope) -> None:
