@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from stagelock.security import ClientKeys
 
@@ -18,6 +20,7 @@ __all__ = [
     "add_key_options",
     "add_verbosity",
     "client_keys",
+    "handle_stop_signals",
     "keep_log_level",
     "setup_logging",
 ]
@@ -113,3 +116,25 @@ def keep_log_level() -> Iterator[None]:
         yield
     finally:
         root.setLevel(level)
+
+
+@contextlib.contextmanager
+def handle_stop_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
+    """Route SIGINT and SIGTERM to ``on_signal(signum)`` inside the block.
+
+    The command then stops at a point of its own choosing instead of on an
+    exception raised in the middle of a receive or a write. The previous
+    handlers are restored on exit. Off the main thread (a command called from
+    a test's worker thread) signals cannot be handled and nothing changes.
+    """
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {
+            s: signal.signal(s, lambda signum, _frame: on_signal(signum))
+            for s in (signal.SIGINT, signal.SIGTERM)
+        }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -17,6 +17,7 @@ from ._common import (
     add_key_options,
     add_verbosity,
     client_keys,
+    handle_stop_signals,
     keep_log_level,
 )
 
@@ -175,20 +176,16 @@ def _run(args: argparse.Namespace) -> int:
     running = [daemon]
     del daemon
 
-    def _on_signal(signum: int, _frame: object) -> None:
+    def _on_signal(signum: int) -> None:
         for d in running:
             d.request_stop(f"signal {signal.Signals(signum).name}")
 
-    previous = {
-        s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)
-    }
     try:
-        return running[0].run()
+        with handle_stop_signals(_on_signal):
+            return running[0].run()
     except DaemonError as exc:
         raise CliError(str(exc)) from None
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         # a Micro-Manager core still alive at interpreter exit sometimes aborts
         # the process (exit 134): drop the daemon, and with it the core, now
         running.clear()

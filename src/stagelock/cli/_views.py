@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-from ._common import CliError, add_key_options, add_verbosity, client_keys
+from ._common import (
+    CliError,
+    add_key_options,
+    add_verbosity,
+    client_keys,
+    handle_stop_signals,
+)
 
 __all__ = ["add_commands"]
 
@@ -109,19 +114,9 @@ def _monitor(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     keys = client_keys(args)
-    # Ctrl-C and SIGTERM end the loop at its next turn (a refresh period at
-    # most), never as an exception in the middle of a receive or a write
+    # Ctrl-C and SIGTERM end the loop at its next turn (a refresh period at most)
     stop = threading.Event()
-
-    def _on_signal(_signum: int, _frame: object) -> None:
-        stop.set()
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {
-            s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)
-        }
-    try:
+    with handle_stop_signals(lambda _signum: stop.set()):
         run_monitor(
             checked,
             keys=keys,
@@ -130,9 +125,6 @@ def _monitor(args: argparse.Namespace) -> int:
             silent_after_s=args.silent_after_s,
             stop=stop,
         )
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     return 0
 
 
