@@ -447,9 +447,28 @@ def test_11_one_nan_or_inf_pixel_does_not_blank_a_float_frame(tmp_path: Path) ->
     statuses = [line.rsplit(",", 1)[1] for line in csv_path.read_text().split()[1:]]
     assert statuses == ["ok"] * len(truth)
     assert np.abs(shifts - truth).max() < 0.15  # 96² px of noisy sample
-    # the bad pixels change nothing: the same numbers as without them
+    # the bad pixels change nothing but where one region is cut: the filled
+    # pixel lowers its window's texture score, so a neighbouring window may be
+    # chosen instead, and the numbers then agree to that one region's noise
     reference = register_file(clean_path, shifts_csv=None, progress=False)
-    assert np.abs(shifts - reference).max() < 0.01
+    assert np.abs(shifts - reference).max() < 0.03
+
+
+def test_11b_a_bad_pixel_is_filled_from_its_neighbours() -> None:
+    from stagelock._pixels import finite_pixels
+
+    image = np.full((8, 8), 10.0, dtype=np.float32)
+    image[:, 4:] = 1000.0  # a bright half: the frame's median is 505
+    image[2, 6] = np.nan
+    image[5, 1] = np.inf
+    image[0:3, 0:3] = np.nan  # a 3x3 hole: the corner has no finite neighbour
+    out = finite_pixels(image)
+    assert np.isfinite(out).all() and np.isnan(image[2, 6])  # a copy
+    assert out[2, 6] == 1000.0 and out[5, 1] == 10.0
+    assert out[0, 0] == np.median(image[np.isfinite(image)])
+    assert out[1, 1] == out[0, 0]  # its neighbours are all bad too
+    assert out[2, 2] == 10.0
+    assert finite_pixels(out) is out  # nothing to fill: no copy
 
 
 def test_12_aligned_int32_stays_inside_the_input_range(tmp_path: Path) -> None:

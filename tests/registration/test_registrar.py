@@ -66,6 +66,26 @@ def test_roi_away_from_origin(base: np.ndarray, roi: tuple[int, int, int, int]) 
     assert_allclose([est.dx_px, est.dy_px], [-6.3, 4.45], atol=0.05)
 
 
+def test_texture_at_the_frame_edge_still_gives_usable_regions(
+    base: np.ndarray,
+) -> None:
+    # the sample fills only a 48 px band along the right and bottom edges:
+    # regions cut flush with the edge could never be resampled (the kernel
+    # reads past it), so all of them would drop out at any drift
+    edged = np.zeros_like(base)
+    edged[:, -48:] = base[:, -48:]
+    edged[-48:, :] = base[-48:, :]
+    reg = Registrar(edged, max_shift_px=20)
+    for x, y, size in reg.regions:
+        assert min(x, y) >= 5 and max(x, y) + size <= SHAPE[0] - 5
+    rng = np.random.default_rng(8)
+    for dx, dy in [(2.3, 1.7), (4.6, 3.2), (-3.1, 4.4)]:
+        frame = fourier_shift(edged, dx, dy) + rng.normal(0, 0.01, SHAPE)
+        est = reg.measure(frame)
+        assert est.ok and est.n_regions >= 0.7 * len(reg.regions), est
+        assert_allclose([est.dx_px, est.dy_px], [dx, dy], atol=0.05)
+
+
 def test_noisy_movie_tracking_accuracy(base: np.ndarray) -> None:
     rng = np.random.default_rng(3)
     truth = np.cumsum(rng.normal(0.05, 0.3, size=(30, 2)), axis=0)

@@ -314,7 +314,10 @@ class Registrar:
         if not np.isfinite(ref32).all():
             raise ValueError("the reference contains NaN or infinite values")
         regions = select_regions(
-            ref32, n_regions=self.n_regions, size_px=self.region_size_px, roi=self.roi
+            ref32,
+            n_regions=self.n_regions,
+            size_px=self.region_size_px,
+            roi=self._placement_area(),
         )
         size = regions[0].size_px
         sigma = self._sigma
@@ -342,6 +345,26 @@ class Registrar:
             self._frame_fit(ref32),
             overview(ref32, overview_factor(ref32.shape)),
         )
+
+    def _placement_area(self) -> tuple[int, int, int, int] | None:
+        """Where regions may be cut: the ROI (or frame) less a margin at the frame edge.
+
+        A region within the resampling kernel's reach of the edge can never be
+        sampled, and one a few pixels further in is lost at the first drift
+        towards that edge. The margin keeps room for the kernel plus a quarter
+        of a region of drift (at most the capture range); where that leaves no
+        room for a region, the whole area is used.
+        """
+        height, width = self.shape
+        x, y, w, h = self.roi if self.roi is not None else (0, 0, width, height)
+        size = self.region_size_px
+        drift = min(math.ceil(self.max_shift_px), max(4, size // 4))
+        margin = RegionStack.reach_px(self._sigma) + 1 + drift
+        x0, y0 = max(x, margin), max(y, margin)
+        x1, y1 = min(x + w, width - margin), min(y + h, height - margin)
+        if x1 - x0 < size or y1 - y0 < size:
+            return self.roi
+        return (x0, y0, x1 - x0, y1 - y0)
 
     def _frame_fit(self, ref32: npt.NDArray[np.float32]) -> FrameFit | None:
         if self._frame_coverage is None:

@@ -264,16 +264,11 @@ class RegionStack:
         # Gauss-Newton step efficiency, learnt by the Registrar for this template
         self.eta = 1.0
         blur: npt.NDArray[np.float32] | None = None
+        self._reach = self.reach_px(smooth_sigma_px)
+        side = size + 2 * self._reach + 1
         if smooth_sigma_px > 0:
             # the same sampled Gaussian as the frames get, at zero shift
-            half = math.ceil(3.5 * smooth_sigma_px)
             blur = gaussian_shift_kernel(0.0, smooth_sigma_px)
-            self._reach = half
-            side = size + 2 * half + 1
-        else:
-            # Lanczos reaches (radius - 1) px before a pixel and radius after it
-            self._reach = KERNEL_RADIUS - 1
-            side = size + 2 * KERNEL_RADIUS - 1
         self.size = size
         self.rows = np.array([r for r, _ in corners], dtype=np.int64)
         self.cols = np.array([c for _, c in corners], dtype=np.int64)
@@ -314,6 +309,18 @@ class RegionStack:
         # covariance of (Δy, Δx) per unit residual variance and unit gain
         self._cov_unit = normal_inv[:, [2, 1]][:, :, [2, 1]]
         self._buffer = np.zeros((n, side, side), dtype=np.float32)
+
+    @staticmethod
+    def reach_px(smooth_sigma_px: float) -> int:
+        """Pixels the resampling kernel reads before a patch (and one fewer than after).
+
+        A region whose corner is closer than ``reach_px + 1`` to a frame edge,
+        plus the displacement, cannot be sampled: :meth:`sample` marks it invalid.
+        """
+        if smooth_sigma_px > 0:
+            return math.ceil(3.5 * smooth_sigma_px)
+        # Lanczos reaches (radius - 1) px before a pixel and radius after it
+        return KERNEL_RADIUS - 1
 
     def _kernel(self, frac: float) -> npt.NDArray[np.float32]:
         if self.smooth_sigma_px > 0:
