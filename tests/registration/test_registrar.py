@@ -99,6 +99,31 @@ def test_noisy_movie_tracking_accuracy(base: np.ndarray) -> None:
     assert err.max() < 0.08
 
 
+@pytest.mark.parametrize("coverage", [None, 1.0])
+def test_sigma_is_the_error_actually_made(
+    base: np.ndarray, coverage: float | None
+) -> None:
+    # a faint sample against noisy references: each reference's noise adds an
+    # error common to its frames, and the reported sigma must include it; one
+    # reference is one draw of that error, so the check pools six of them
+    noise = CameraNoise(peak_photons=100)
+    z = []
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        truth = np.cumsum(rng.normal(0.05, 0.3, size=(12, 2)), axis=0)
+        truth[0] = 0
+        movie = [noise.expose(fourier_shift(base, *t), rng) for t in truth]
+        reg = Registrar(movie[0], max_shift_px=20, coverage=coverage)
+        for frame, (dx, dy) in zip(movie[1:], truth[1:], strict=True):
+            est = reg.measure(frame)
+            assert est.ok
+            error = np.hypot(est.dx_px - dx, est.dy_px - dy)
+            z.append(error / np.sqrt(2) / est.sigma_px)
+    # |error| / (sqrt(2) sigma) of a 2-D Gaussian: median 0.83, 90 % below 1.52
+    assert 0.55 < np.median(z) < 1.2, np.median(z)
+    assert np.percentile(z, 90) < 2.2
+
+
 def test_no_pixel_locking_bias(base: np.ndarray) -> None:
     fractions = np.linspace(0.0, 1.0, 21)
     truth = np.array([(2 + f, -3 + f) for f in fractions])

@@ -54,8 +54,10 @@ class ShiftEstimate:
     n_regions : int
         Number of template regions that agreed on the shift (0 when none did).
     sigma_px : float
-        Estimated 1-σ statistical uncertainty of the shift (per axis, pixels), from
-        the Gauss-Newton covariance of the agreeing regions; NaN without a shift.
+        Estimated 1-σ uncertainty of the shift (per axis, pixels), the
+        reference's noise included: the Gauss-Newton covariance of the agreeing
+        regions scaled to their scatter, or the whole-frame fit's covariance
+        at its measured noise; NaN without a shift.
     """
 
     dx_px: float
