@@ -72,6 +72,10 @@ MIN_AGREEMENT = 0.3
 """Overlap agreement (:func:`._verify.overlap_agreement`) below which a shift
 found by the search is not reported ``ok``."""
 
+MAX_OK_SIGMA_PX = 0.125
+"""Largest uncertainty (per axis) of a shift reported ``ok``: at 4σ = 0.5 px a
+2-D Gaussian error passes 0.5 px in 3 of 10,000 frames."""
+
 
 def region_coverage(
     shape: tuple[int, int], n_regions: int, region_size_px: int
@@ -93,6 +97,9 @@ class _Solution:
     converged: bool = False
     spread_var: float = math.inf
     """Variance of the fused shift from the regions' scatter (px², both axes)."""
+    reduced_chi2: float = math.nan
+    """The regions' scatter about the fused shift in units of their covariances,
+    per degree of freedom (the Birge ratio: 1 when the covariances are right)."""
 
     @property
     def confidence(self) -> float:
@@ -562,6 +569,9 @@ class Registrar:
             )
             if not agreement >= MIN_AGREEMENT:
                 trusted = False
+        if not sigma <= MAX_OK_SIGMA_PX:
+            # found, but too faint to be within 0.5 px: record it, don't act on it
+            trusted = False
         total_row = d_row + key.offset_row
         total_col = d_col + key.offset_col
         if max(abs(total_row), abs(total_col)) > self.max_shift_px:
@@ -585,18 +595,23 @@ class Registrar:
         template's (noisy) gradients; the reference's own noise, which each
         region carries independently, makes the regions scatter 1.5-2x more
         than it predicts on noisy samples (measured over 12 reference draws of
-        the bench's movies). So the variance is scaled by the median ratio of
-        the regions' scatter about the fused shift to the Gauss-Newton variance
-        over the last 20 frames with three regions or more; never below 1.
+        the bench's movies). So the covariance is scaled by the regions'
+        reduced χ² about the fused shift (the Birge ratio), its median over the
+        last 20 frames with three regions or more; never below 1.
+
+        References
+        ----------
+        .. [1] R. T. Birge, "The calculation of errors by the method of least
+           squares", Phys. Rev. 40, 207-227 (1932),
+           :doi:`10.1103/PhysRev.40.207`.
         """
         gn_var = 0.5 * float(np.trace(solution.cov))
         if (
             solution.n_inliers >= 3
-            and math.isfinite(solution.spread_var)
+            and math.isfinite(solution.reduced_chi2)
             and solution.spread_var > 1e-8  # not the reference against itself
-            and gn_var > 0
         ):
-            self._scatter_ratio.add(0.5 * solution.spread_var / gn_var)
+            self._scatter_ratio.add(solution.reduced_chi2)
         scale = max(1.0, self._scatter_ratio.value)
         return math.sqrt(max(gn_var * scale, 0.0))
 
@@ -740,6 +755,7 @@ class Registrar:
                 fused.n_valid,
                 converged=step < max(1e-3, 0.5 * sigma),
                 spread_var=fused.spread_var,
+                reduced_chi2=fused.reduced_chi2,
             )
             if solution.converged:
                 return solution
@@ -793,11 +809,12 @@ def _fuse(fit: RegionFit) -> _Solution | None:
     fused_cov = np.array([[b, -c], [-c, a]]) / det_sum
     d_row = (b * v_r - c * v_c) / det_sum
     d_col = (a * v_c - c * v_r) / det_sum
+    res_r, res_c = rows - d_row, cols - d_col
     spread = (
-        float(np.sum((rows - d_row) ** 2 + (cols - d_col) ** 2)) / (n_in - 1) / n_in
-        if n_in > 1
-        else math.inf
+        float(np.sum(res_r**2 + res_c**2)) / (n_in - 1) / n_in if n_in > 1 else math.inf
     )
+    chi2 = float(np.sum(i_rr * res_r**2 + 2.0 * i_rc * res_r * res_c + i_cc * res_c**2))
+    reduced_chi2 = chi2 / (2 * (n_in - 1)) if n_in > 1 else math.nan
     return _Solution(
         d_row,
         d_col,
@@ -806,6 +823,7 @@ def _fuse(fit: RegionFit) -> _Solution | None:
         n_in,
         n_ok,
         spread_var=spread,
+        reduced_chi2=reduced_chi2,
     )
 
 
