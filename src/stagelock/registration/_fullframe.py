@@ -226,6 +226,20 @@ class FrameSolution:
         return math.sqrt(max(0.5 * float(self.cov[0, 0] + self.cov[1, 1]), 0.0))
 
 
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """One Gauss-Newton step of :class:`FrameFit`, and what the noise scale needs."""
+
+    d_row: float
+    d_col: float
+    cov: npt.NDArray[np.float64]
+    used: npt.NDArray[np.bool_]
+    """The tiles the fused step used."""
+    n_valid: int
+    sums: npt.NDArray[np.float64]
+    """Per-tile weighted sums at the displacement the step started from."""
+
+
 class FrameFit:
     """A reference prepared for the whole-frame fit over a fraction of its tiles.
 
@@ -547,18 +561,10 @@ class FrameFit:
         kappa = 2.0 * resid / (np.maximum(self._n_px - 4, 1) * (c_f + gain**2 * c_r))
         return float(np.median(kappa[used])) if np.any(used) else math.nan
 
-    def step(
+    def _step(
         self, frame: npt.NDArray[Any], d_row: float, d_col: float
-    ) -> tuple[float, float, npt.NDArray[np.float64], int, int, float] | None:
-        """One robust Gauss-Newton step from ``d``.
-
-        Returns
-        -------
-        tuple or None
-            ``(d_row, d_col, cov, used, valid, noise_scale)``: the new
-            displacement, its covariance, the tiles used and valid, and the
-            residuals' noise over the model's (see :meth:`_residual_noise_scale`).
-        """
+    ) -> _Step | None:
+        """One robust Gauss-Newton step from ``d`` (None: no tile to fit)."""
         sums, valid = self._sums(frame, d_row, d_col)
         coef = np.einsum("abij,abj->abi", self.normal_inv, sums[..., :4])
         gain = coef[..., 0]
@@ -614,14 +620,7 @@ class FrameFit:
         cov = cov * spread
         # inverse composition: T(x + Δ) ~ I(x + d)  =>  d <- d - Δ; cov in (row, col)
         cov_rc = np.array([[cov[1, 1], cov[0, 1]], [cov[0, 1], cov[0, 0]]])
-        return (
-            d_row - dy_f,
-            d_col - dx_f,
-            cov_rc,
-            int(np.count_nonzero(used)),
-            n_valid,
-            self._residual_noise_scale(sums, used, d_row, d_col),
-        )
+        return _Step(d_row - dy_f, d_col - dx_f, cov_rc, used, n_valid, sums)
 
     def refine(
         self,
@@ -631,7 +630,7 @@ class FrameFit:
         *,
         max_iter: int = 4,
     ) -> FrameSolution | None:
-        """Iterate :meth:`step` from ``d`` until the move is below 1e-3 px.
+        """Iterate robust Gauss-Newton steps from ``d`` until the move is below 1e-3 px.
 
         Parameters
         ----------
@@ -655,11 +654,12 @@ class FrameFit:
         n_iter, it = max_iter, 0
         while it < n_iter:
             it += 1
-            res = self.step(frame, d_row, d_col)
+            res = self._step(frame, d_row, d_col)
             if res is None:
                 return None
-            new_row, new_col, cov, used, n_valid, kappa = res
-            plain_r, plain_c = new_row - d_row, new_col - d_col
+            cov, used = res.cov, int(np.count_nonzero(res.used))
+            plain_r, plain_c = res.d_row - d_row, res.d_col - d_col
+            at_row, at_col = d_row, d_col
             sigma = math.sqrt(max(0.5 * float(cov[0, 0] + cov[1, 1]), 0.0))
             # the step efficiency left by an imperfect noise compensation
             self.eta = learn_step_efficiency(self.eta, (plain_r, plain_c), prev, sigma)
@@ -672,11 +672,15 @@ class FrameFit:
                 return None
             move = max(abs(move_r), abs(move_c))
             out = FrameSolution(
-                d_row, d_col, cov, used, n_valid, move < max(1e-3, 0.25 * sigma)
+                d_row, d_col, cov, used, res.n_valid, move < max(1e-3, 0.25 * sigma)
             )
             if out.converged:
                 if not recalibrated:
                     recalibrated = True
+                    # measured once, at the converged step: the residuals there
+                    kappa = self._residual_noise_scale(
+                        res.sums, res.used, at_row, at_col
+                    )
                     if self._learn_noise_scale(kappa):
                         # the compensation moved the fixed point: two more steps
                         n_iter = max(n_iter, it + 2)
