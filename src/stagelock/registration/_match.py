@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,8 +101,20 @@ def match_in_window(
     """
     height, width = frame.shape
     size = template.shape[0]
-    r0 = max(row + centre_row - radius_px, 0)
-    c0 = max(col + centre_col - radius_px, 0)
+    # the window starts a whole number of coarse pixels before the centre, so
+    # the coarse grid samples the centre displacement exactly: half a coarse
+    # pixel off, a sharp periodic sample correlates better at a wrong lattice
+    # site that happens to fall on the grid than at the right one
+    r0 = (
+        row
+        + centre_row
+        - scale * min(math.ceil(radius_px / scale), (row + centre_row) // scale)
+    )
+    c0 = (
+        col
+        + centre_col
+        - scale * min(math.ceil(radius_px / scale), (col + centre_col) // scale)
+    )
     r1 = min(row + centre_row + radius_px + size, height)
     c1 = min(col + centre_col + radius_px + size, width)
     if r1 - r0 < size + 1 or c1 - c0 < size + 1:
