@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -107,14 +108,36 @@ def cli() -> list[str]:
     return [sys.executable, "-m", "stagelock"]
 
 
-def free_endpoint(ctx: zmq.Context[Any]) -> str:
-    """A loopback TCP endpoint with a port free at the time of the call."""
-    sock = ctx.socket(zmq.PUB)
+def _ports_below_ephemeral() -> tuple[int, int]:
+    """A port range the kernel never picks as a connection's source port."""
     try:
-        port = sock.bind_to_random_port("tcp://127.0.0.1")
-    finally:
-        sock.close(linger=0)
-    return f"tcp://127.0.0.1:{port}"
+        lowest = int(
+            Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]
+        )
+    except (OSError, ValueError, IndexError):
+        lowest = 32768
+    return max(1024, lowest - 12000), lowest
+
+
+def free_port() -> int:
+    """A loopback TCP port free at the time of the call, for a process to bind later.
+
+    Not an ephemeral port: a socket that connects to it before anything
+    listens retries, and on Linux a retry can be given that very port as its
+    source and connect to itself. Probed from a throwaway context: a
+    subscriber whose own context had bound and closed the port then connects
+    and handshakes with the daemon but receives nothing (seen in 4 of 10
+    runs of the full-disk test).
+    """
+    low, high = _ports_below_ephemeral()
+    with zmq.Context() as ctx, ctx.socket(zmq.PUB) as sock:
+        sock.setsockopt(zmq.LINGER, 0)
+        return sock.bind_to_random_port("tcp://127.0.0.1", low, high)
+
+
+def free_endpoint() -> str:
+    """A loopback TCP endpoint with a port free at the time of the call."""
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 def recv(sock: zmq.Socket[Any], timeout_s: float = 10.0) -> tuple[str, dict[str, Any]]:
@@ -143,8 +166,8 @@ class DaemonProcess:
         env: dict[str, str] | None = None,
     ) -> None:
         self.ctx = ctx
-        self.publish = free_endpoint(ctx)
-        self.control = free_endpoint(ctx)
+        self.publish = free_endpoint()
+        self.control = free_endpoint()
         command = [*cli(), "run", "--publish", self.publish, "--control", self.control]
         if config is not None:
             cfg = tmp_path / f"{name}.toml"

@@ -149,7 +149,7 @@ def test_02_register_example_never_overwrites_a_file(
 def test_03_environment_overrides_reach_run_and_ctl(
     tmp_path: Path, ctx: zmq.Context[Any]
 ) -> None:
-    publish, control = free_endpoint(ctx), free_endpoint(ctx)
+    publish, control = free_endpoint(), free_endpoint()
     record = tmp_path / "env.csv"
     env = {
         "STAGELOCK_PUBLISH": publish,
@@ -201,7 +201,7 @@ def test_04_record_on_a_full_disk_alarms_and_keeps_lines_whole(
     record = tmp_path / "full.csv"
     cfg = tmp_path / "sim.toml"
     cfg.write_text(SIM_50FPS)
-    publish, control = free_endpoint(ctx), free_endpoint(ctx)
+    publish, control = free_endpoint(), free_endpoint()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"stagelock.alarm")
     sub.connect(publish)
@@ -245,7 +245,7 @@ def test_04_record_on_a_full_disk_alarms_and_keeps_lines_whole(
     # a restart ends the torn line before appending: no glued 15-field row
     proc2 = run_cli(
         "run", "--config", cfg, "--record", record, "--frames", "5",
-        "--publish", free_endpoint(ctx), "--control", free_endpoint(ctx),
+        "--publish", free_endpoint(), "--control", free_endpoint(),
     )  # fmt: skip
     assert proc2.returncode == 0, proc2.stderr
     assert "incomplete" in proc2.stderr

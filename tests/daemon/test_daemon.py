@@ -318,7 +318,7 @@ def test_config_errors_stop_startup(tmp_path: Path, toml: str, expected: str) ->
 
 
 def test_ctl_without_daemon_says_so(ctx: zmq.Context[Any]) -> None:
-    endpoint = free_endpoint(ctx)
+    endpoint = free_endpoint()
     t0 = time.monotonic()
     out = subprocess.run(
         [*cli(), "ctl", "status", "--endpoint", endpoint, "--timeout-s", "0.3"],

@@ -224,7 +224,7 @@ def test_keys_dir_without_server_secret_is_refused(tmp_path: Path) -> None:
     watch.mkdir()
     ctx: zmq.Context[Any] = zmq.Context()
     try:
-        pub = free_endpoint(ctx)
+        pub = free_endpoint()
     finally:
         ctx.term()
     done = subprocess.run(

@@ -206,10 +206,13 @@ def test_closed_loop_holds_the_image_while_open_loop_drifts(
     assert residual_rms < 0.3 + lag_px, (residual_rms, lag_px)
     # open loop: the same creep moves the image ~1.4 px/s, and it keeps going
     drift = opened.topic("stagelock.shift")
-    early = [magnitude(m) for m in drift if 20 <= m["frame"] <= 30]
+    # the first frames this subscriber saw: on a loaded host it may join late
+    # (slow joiner), after frame 30
+    early = [magnitude(m) for m in drift[:10]]
     late = magnitude(drift[-1])
     elapsed_s = drift[-1]["time"] - drift[0]["time"]
-    assert late > 4.0 and late > max(early) + 2.5, (early, late)
+    grown_px = creep_px_per_s * (drift[-1]["time"] - drift[9]["time"])
+    assert late > 4.0 and late > max(early) + 0.5 * grown_px, (early, late)
     assert late > 10 * residual_rms
     # the subscriber may join after the reference frame (slow joiner): compare
     # the drift between the first and last frames it saw with the time between

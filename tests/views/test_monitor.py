@@ -17,7 +17,7 @@ import pytest
 import zmq
 from rich.console import Console
 
-from helpers import wait_until
+from helpers import free_port, wait_until
 from stagelock.cli import main
 from stagelock.views import (
     MonitorState,
@@ -585,17 +585,11 @@ def test_narrow_terminal_keeps_numbers_and_drops_wide_columns() -> None:
 # ------------------------------------------------------ against the real daemon
 
 
-def _free_port() -> int:
-    with zmq.Context() as ctx, ctx.socket(zmq.PUB) as sock:
-        sock.setsockopt(zmq.LINGER, 0)
-        return sock.bind_to_random_port("tcp://127.0.0.1")
-
-
 def test_real_daemon_restart_is_followed(
     start_monitor: Callable[..., MonitorThread], tmp_path: Any
 ) -> None:
     """Two ``stagelock run`` processes in turn on one port; one monitor sees both."""
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     stream = io.StringIO()
     monitor = start_monitor([endpoint], stream=stream)
 
@@ -606,7 +600,7 @@ def test_real_daemon_restart_is_followed(
                 "--publish",
                 endpoint,
                 "--control",
-                f"tcp://127.0.0.1:{_free_port()}",
+                f"tcp://127.0.0.1:{free_port()}",
                 "--frames",
                 str(frames),
                 "--pixel-size",

@@ -114,6 +114,26 @@ def _silence_stdout() -> None:
         pass
 
 
+def _flush_zmq(timeout_s: float) -> None:
+    """Let ZeroMQ deliver what closed sockets still queue, for at most ``timeout_s``.
+
+    :func:`os._exit` kills ZeroMQ's I/O threads at once, so the last messages
+    (the alarm that stopped the daemon, its final status) would be lost.
+    Terminating the shared context sends them within each socket's linger;
+    it runs in a thread because it waits for every socket to be closed, and
+    one left open must not hold the exit.
+    """
+    if "zmq" not in sys.modules:
+        return
+    import threading
+
+    import zmq
+
+    done = threading.Thread(target=zmq.Context.instance().term, daemon=True)
+    done.start()
+    done.join(timeout_s)
+
+
 def entry() -> None:
     """Run the ``stagelock`` executable: :func:`main`, then exit without finalizing.
 
@@ -136,6 +156,7 @@ def entry() -> None:
     import logging
 
     gc.collect()
+    _flush_zmq(timeout_s=0.5)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -170,6 +170,12 @@ class Daemon:
         # latest wins per position: a frame never replaces another position's
         self._slot: KeyedLatestSlot[Frame] = KeyedLatestSlot(_position_of)
         self._lock = threading.Lock()
+        # the sinks are called from the worker (shifts, corrections, alarms)
+        # and the run loop (heartbeats): a ZeroMQ socket used from two threads
+        # at once can lose a subscriber that connects meanwhile, so every send
+        # goes through this lock (re-entrant: a failing sink raises an alarm,
+        # which is sent too)
+        self._send_lock = threading.RLock()
         self._stop = threading.Event()
         self._stop_reason = ""
         self._worker: threading.Thread | None = None
@@ -456,11 +462,17 @@ class Daemon:
         finally:
             # read the stage before the clean-ups release the core
             final_stage = self._stage_status()
-            for sink in self.sinks:
-                try:
-                    sink.close()
-                except Exception:
-                    logger.exception("closing sink %r failed", sink)
+            # not while a worker that outlived its join is still sending
+            held = self._send_lock.acquire(timeout=timeout_s)
+            try:
+                for sink in self.sinks:
+                    try:
+                        sink.close()
+                    except Exception:
+                        logger.exception("closing sink %r failed", sink)
+            finally:
+                if held:
+                    self._send_lock.release()
             if self.control is not None:
                 self.control.close()
             for fn in self._cleanup:
@@ -965,14 +977,15 @@ class Daemon:
         )
 
     def _send(self, topic: str, message: Mapping[str, Any]) -> None:
-        for sink in self.sinks:
-            try:
-                sink.publish(topic, message)
-            except Exception as exc:
-                self._sink_failed(sink, topic, exc)
-            else:
-                if id(sink) in self._failed_sinks:
-                    self._sink_recovered(sink)
+        with self._send_lock:
+            for sink in self.sinks:
+                try:
+                    sink.publish(topic, message)
+                except Exception as exc:
+                    self._sink_failed(sink, topic, exc)
+                else:
+                    if id(sink) in self._failed_sinks:
+                        self._sink_recovered(sink)
 
     def _sink_recovered(self, sink: ShiftSink) -> None:
         if getattr(sink, "error", None) is not None:

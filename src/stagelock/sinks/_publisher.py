@@ -39,6 +39,10 @@ __all__ = ["ZmqPublisher"]
 logger = logging.getLogger(__name__)
 
 
+CLOSE_LINGER_MS = 200
+"""How long :meth:`ZmqPublisher.close` may wait to deliver queued messages."""
+
+
 class ZmqPublisher:
     """A PUB socket bound to ``endpoint`` that sends JSON messages by topic.
 
@@ -107,7 +111,12 @@ class ZmqPublisher:
             self.dropped += 1
 
     def close(self) -> None:
-        """Close the socket at once (``linger=0``); idempotent."""
+        """Close the socket, flushing what was sent for at most 0.2 s; idempotent.
+
+        The last messages before a stop (the alarm that stopped it, the final
+        status) are often still queued; closed with no linger, ZeroMQ drops
+        them. The bound keeps a stop from waiting on a stalled subscriber.
+        """
         if self._socket is not None:
-            self._socket.close(linger=0)
+            self._socket.close(linger=CLOSE_LINGER_MS)
             self._socket = None
