@@ -429,6 +429,48 @@ def ratios(res: Row) -> list[Row]:
     return out
 
 
+def dominance(res: Row) -> list[list[str]]:
+    """Per movie and peer: the fastest stagelock setting at least as fast and accurate.
+
+    Time per frame includes setup (whole-movie time / T); a setting with a frame
+    > 0.5 px off or NaN does not count; a peer that errored is left out.
+    """
+    peer_names = [t for t in res["tools"] if t not in peers.STAGELOCK_TOOLS]
+    settings = [t for t in res["tools"] if t in peers.STAGELOCK_TOOLS]
+    grid = []
+    for movie in res["movies"]:
+        row = [movie]
+        clean = [
+            r
+            for t in settings
+            if (r := _row(res, movie, t))
+            and not r.get("error")
+            and r["n_off_05"] == 0
+            and r["n_nan"] == 0
+        ]
+        for peer in peer_names:
+            p = _row(res, movie, peer)
+            if p is None or p.get("error"):
+                row.append("—")
+                continue
+            p_rms = p["rms_px"] if np.isfinite(p["rms_px"]) else np.inf
+            wins = [
+                r
+                for r in clean
+                if r["mean_ms"] <= p["mean_ms"] and r["rms_px"] <= p_rms
+            ]
+            if wins:
+                w = min(wins, key=lambda r: r["mean_ms"])
+                name = w["tool"].removeprefix("stagelock").lstrip("_") or "default"
+                row.append(f"{name} ({_f(w['mean_ms'], 2)} ms, {_f(w['rms_px'])})")
+            else:
+                row.append(
+                    f"**none** (peer {_f(p['mean_ms'], 2)} ms, {_f(p['rms_px'])})"
+                )
+        grid.append(row)
+    return grid
+
+
 def tables(res: Row) -> str:
     tools: list[str] = res["tools"]
     mv: list[str] = res["movies"]
@@ -634,6 +676,18 @@ def tables(res: Row) -> str:
                 ],
             )
         )
+
+    grid = dominance(res)
+    if grid:
+        out.append(
+            "\n### Never beaten on both: the fastest stagelock setting at least as "
+            "fast and as accurate as each peer (one thread)\n\n"
+            "ms/frame includes setup (whole-movie time / T); settings with a frame "
+            "> 0.5 px off or NaN do not count; **none** = that peer is faster or "
+            "more accurate than every setting.\n"
+        )
+        peer_names = [t for t in res["tools"] if t not in peers.STAGELOCK_TOOLS]
+        out.append(md_table(["movie", *peer_names], grid))
 
     for name, sw in res.get("sweep", {}).items():
         out.append(
