@@ -544,7 +544,7 @@ class Registrar:
             return ShiftEstimate.failed(Status.NO_PEAK)
         confidence = solution.confidence
         d_row, d_col = solution.d_row, solution.d_col
-        sigma = self._region_sigma(solution)
+        sigma = self._region_sigma(solution, key.stack.eta)
         n_used = solution.n_inliers
         trusted = confidence >= self.min_confidence
         if key.frame_fit is not None:
@@ -588,7 +588,7 @@ class Registrar:
             self._track = None
         return ShiftEstimate(total_col, total_row, confidence, status, n_used, sigma)
 
-    def _region_sigma(self, solution: _Solution) -> float:
+    def _region_sigma(self, solution: _Solution, eta: float) -> float:
         """Per-axis uncertainty of the regions' fused shift, scaled to their scatter.
 
         The Gauss-Newton covariance counts only the frame's noise at the
@@ -597,7 +597,10 @@ class Registrar:
         than it predicts on noisy samples (measured over 12 reference draws of
         the bench's movies). So the covariance is scaled by the regions'
         reduced χ² about the fused shift (the Birge ratio), its median over the
-        last 20 frames with three regions or more; never below 1.
+        last 20 frames with three regions or more; never below 1. With a
+        noisy template each step moves only the fraction ``eta`` of the way
+        (:func:`.learn_step_efficiency`), so the fixed point moves ``1 / eta``
+        times as far as the noise in a step: the uncertainty is divided by it.
 
         References
         ----------
@@ -613,7 +616,7 @@ class Registrar:
         ):
             self._scatter_ratio.add(solution.reduced_chi2)
         scale = max(1.0, self._scatter_ratio.value)
-        return math.sqrt(max(gn_var * scale, 0.0))
+        return math.sqrt(max(gn_var * scale, 0.0)) / min(max(eta, 1.0 / 3.0), 1.0)
 
     def _run_trial(
         self, frame: npt.NDArray[Any], key: _Key, solution: _Solution
