@@ -41,7 +41,7 @@ import numpy as np
 import tifffile
 
 from stagelock import register_many
-from stagelock.batch._run import LOOPBACK_HTTP
+from stagelock.batch import LOOPBACK_HTTP
 from stagelock.sim import drifting_stack, random_drift
 
 RESULTS = Path(__file__).parent / "results"

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 distributed = pytest.importorskip("distributed")
 
-from stagelock.batch._run import LOOPBACK_HTTP  # noqa: E402
+from stagelock.batch import LOOPBACK_HTTP  # noqa: E402
 
 
 @pytest.fixture(scope="session")

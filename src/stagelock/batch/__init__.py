@@ -28,7 +28,14 @@ from ._readers import (
     output_stem,
     stems_clash,
 )
-from ._run import InputSummary, Reference, RunOptions, cluster_client, run_jobs
+from ._run import (
+    LOOPBACK_HTTP,
+    InputSummary,
+    Reference,
+    RunOptions,
+    cluster_client,
+    run_jobs,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -37,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_CHUNK_FRAMES",
+    "LOOPBACK_HTTP",
     "BioImageSource",
     "Chunk",
     "InputSummary",
