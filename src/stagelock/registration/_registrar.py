@@ -323,8 +323,8 @@ class Registrar:
         self._prior = (0.0, 0.0)
         self._trial: _Trial | None = None
         self._trial_done = False  # the pre-filter is chosen once per Registrar
-        # the regions' scatter over their Gauss-Newton variance, averaged over
-        # the good frames (see _region_sigma)
+        # the regions' scatter over their Gauss-Newton variance (the Birge
+        # ratio), its median over the last frames (see _region_sigma)
         self._scatter_ratio = _RunningMedian(window=20)
         self._key = self._prepare(image, 0.0, 0.0)
 
