@@ -751,7 +751,11 @@ class Daemon:
             self._set_state(DaemonState.REFERENCING)
             return
         self._install_reference(registrar, frame, f"frame {frame.index}", frame.image)
-        self._measure_and_send(frame, skipped)
+        # the reference against itself is zero by definition: not measured, so
+        # that the next frame is not kept waiting (the preparation of a 2048²
+        # reference already takes most of a 50 fps frame interval)
+        itself = ShiftEstimate(0.0, 0.0, 1.0, Status.OK, len(registrar.regions), 0.0)
+        self._measure_and_send(frame, skipped, itself)
 
     def _install_reference(
         self,
@@ -780,12 +784,15 @@ class Daemon:
         if not paused:
             self._set_state(DaemonState.MEASURING)
 
-    def _measure_and_send(self, frame: Frame, skipped: int) -> None:
+    def _measure_and_send(
+        self, frame: Frame, skipped: int, known: ShiftEstimate | None = None
+    ) -> None:
+        """Measure ``frame`` (unless ``known`` is its estimate), publish, act on it."""
         assert self._registrar is not None
         if not self._right_size(frame, skipped):
             return
         try:
-            est = self._registrar.measure(frame.image)
+            est = known if known is not None else self._registrar.measure(frame.image)
         except ValueError as exc:
             with self._lock:
                 self._frames_failed += 1

@@ -581,7 +581,10 @@ class Registrar:
             status = Status.OK
             self._track = (solution.d_row, solution.d_col, solution.median_ncc)
             self._prior = (solution.d_row, solution.d_col)
-            if self._trial is not None:
+            if self._trial is not None and not searched:
+                # not on a frame that needed the full search: the first frame
+                # after a new reference, whose time budget the reference's
+                # preparation has already used up in the live daemon
                 self._run_trial(frame, key, solution)
         else:
             status = Status.LOW_CONFIDENCE
