@@ -198,7 +198,6 @@ def measure_chunk(
     from stagelock.registration import (
         Registrar,
         ShiftEstimate,
-        Status,
         iter_estimates,
     )
 
@@ -233,9 +232,7 @@ def measure_chunk(
         for t, frame in enumerate(frames_iter, start=chunk.start):
             if t == 0 and reference == "first":
                 # the reference itself: zero by definition, as iter_estimates does
-                estimates.append(
-                    ShiftEstimate(0.0, 0.0, 1.0, Status.OK, len(registrar.regions), 0.0)
-                )
+                estimates.append(ShiftEstimate.at_reference(len(registrar.regions)))
             else:
                 estimates.append(registrar.measure(frame))
     if len(estimates) != chunk.n_frames:

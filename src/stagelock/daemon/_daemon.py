@@ -754,7 +754,7 @@ class Daemon:
         # the reference against itself is zero by definition: not measured, so
         # that the next frame is not kept waiting (the preparation of a 2048²
         # reference already takes most of a 50 fps frame interval)
-        itself = ShiftEstimate(0.0, 0.0, 1.0, Status.OK, len(registrar.regions), 0.0)
+        itself = ShiftEstimate.at_reference(len(registrar.regions))
         self._measure_and_send(frame, skipped, itself)
 
     def _install_reference(

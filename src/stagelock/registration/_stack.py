@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._registrar import Registrar, as_image
-from ._types import ShiftEstimate, Status
+from ._types import ShiftEstimate
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -88,7 +88,7 @@ def iter_estimates(
         if i == 0 and isinstance(reference, str) and reference != "mean":
             # the reference measured against itself is zero by definition: no
             # first-frame jump from interpolation or noise
-            yield ShiftEstimate(0.0, 0.0, 1.0, Status.OK, len(registrar.regions), 0.0)
+            yield ShiftEstimate.at_reference(len(registrar.regions))
             continue
         yield registrar.measure(frame)
 

@@ -83,6 +83,15 @@ class ShiftEstimate:
         return self.status is Status.OK
 
     @classmethod
+    def at_reference(cls, n_regions: int) -> ShiftEstimate:
+        """Build the reference's estimate against itself: zero, ``ok``, confidence 1.
+
+        Not measured (the fit would return zero to rounding): the frame that
+        became the reference is reported with this, so frame 0 is exactly 0.
+        """
+        return cls(0.0, 0.0, 1.0, Status.OK, n_regions, 0.0)
+
+    @classmethod
     def failed(cls, status: Status, confidence: float = 0.0) -> ShiftEstimate:
         """Build an estimate that carries no shift."""
         return cls(math.nan, math.nan, float(confidence), status, 0, math.nan)

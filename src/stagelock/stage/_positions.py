@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stagelock.registration import Registrar, ShiftEstimate, Status
+from stagelock.registration import Registrar, ShiftEstimate
 
 from ._loop import Alarm, Correction, CorrectionStatus
 
@@ -527,7 +527,7 @@ class PositionLocks:
             applied = applied_um if applied_um is not None else pos.last_applied
         if registrar is None or registrar.shape != image.shape:
             registrar = Registrar(image, **self.registrar_options)
-            est = ShiftEstimate(0.0, 0.0, 1.0, Status.OK, registrar.n_regions, 0.0)
+            est = ShiftEstimate.at_reference(len(registrar.regions))
             with self._lock:
                 pos.registrar = registrar
                 pos.reference_image = image
