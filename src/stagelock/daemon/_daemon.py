@@ -171,10 +171,9 @@ class Daemon:
         self._slot: KeyedLatestSlot[Frame] = KeyedLatestSlot(_position_of)
         self._lock = threading.Lock()
         # the sinks are called from the worker (shifts, corrections, alarms)
-        # and the run loop (heartbeats): a ZeroMQ socket used from two threads
-        # at once can lose a subscriber that connects meanwhile, so every send
-        # goes through this lock (re-entrant: a failing sink raises an alarm,
-        # which is sent too)
+        # and the run loop (heartbeats), and neither a ZeroMQ socket nor the
+        # ShiftSink protocol promises thread safety, so every send goes through
+        # this lock (re-entrant: a failing sink raises an alarm, which is sent too)
         self._send_lock = threading.RLock()
         self._stop = threading.Event()
         self._stop_reason = ""
