@@ -353,6 +353,27 @@ def movie_bound(spec: MovieSpec) -> dict[str, float] | None:
     }
 
 
+def frame0_expected(
+    spec: MovieSpec,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Noiseless frame 0 in ADU above the offset, and each pixel's variance (ADU²).
+
+    The same canvas and crop as the movie, through the camera model of its level:
+    variance = (expected electrons + read noise²) / gain².
+    """
+    from stagelock.registration import camera_variance
+    from stagelock.sim import CameraNoise
+
+    canvas, _factor = make_canvas(spec.image, spec.size)
+    clean = np.clip(Shifter(canvas, spec.size)(0.0, 0.0), 0.0, None)
+    cam = CameraNoise(peak_photons=LEVELS[spec.level])
+    electrons = clean * cam.peak_photons + cam.background_photons
+    var = camera_variance(
+        electrons, read_noise_e=cam.read_noise_e, gain_e_per_adu=cam.gain_e_per_adu
+    )
+    return electrons / cam.gain_e_per_adu, np.asarray(var, dtype=np.float64)
+
+
 def frame0_bound(spec: MovieSpec) -> dict[str, float] | None:
     """Cramér-Rao bound of the whole frame for this movie (noisy frame-0 reference).
 
@@ -361,19 +382,12 @@ def frame0_bound(spec: MovieSpec) -> dict[str, float] | None:
     the reference's own noise added (it is a noisy frame too). Returns
     ``{"rms_px", "sigma_x_px", "sigma_y_px"}`` or None for noiseless movies.
     """
-    from stagelock.registration import camera_variance, shift_crlb
-    from stagelock.sim import CameraNoise
+    from stagelock.registration import shift_crlb
 
     if spec.level not in LEVELS:
         return None
-    canvas, _factor = make_canvas(spec.image, spec.size)
-    clean = np.clip(Shifter(canvas, spec.size)(0.0, 0.0), 0.0, None)
-    cam = CameraNoise(peak_photons=LEVELS[spec.level])
-    electrons = clean * cam.peak_photons + cam.background_photons
-    var = camera_variance(
-        electrons, read_noise_e=cam.read_noise_e, gain_e_per_adu=cam.gain_e_per_adu
-    )
-    bound = shift_crlb(electrons / cam.gain_e_per_adu, var, reference_variance=var)
+    signal, var = frame0_expected(spec)
+    bound = shift_crlb(signal, var, reference_variance=var)
     return {
         "rms_px": bound.rms_px,
         "sigma_x_px": bound.sigma_x_px,

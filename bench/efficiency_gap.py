@@ -73,32 +73,18 @@ def fit_ratio(
     ratios = []
     for ref in refs:
         fit = FrameFit(ref, coverage=1.0, smooth_sigma_px=sigma, noise=noise)
-        err = []
+        est = np.zeros((len(movie), 2))
         for i in range(1, len(movie)):
             dx, dy = truth[i] - truth[0]
             sol = fit.refine(movie[i], dy + 0.1, dx - 0.1)
-            if sol is None:
-                err.append((np.nan, np.nan))
-            else:
-                err.append((sol.d_col - dx, sol.d_row - dy))
-        e = np.asarray(err)
-        ratios.append(float(np.sqrt(np.nanmean(np.sum(e**2, axis=1)))) / bound)
+            est[i] = (np.nan, np.nan) if sol is None else (sol.d_col, sol.d_row)
+        ratios.append(rd.rms_px(est, truth) / bound)
     return float(np.sqrt(np.mean(np.square(ratios))))
 
 
 def theory(spec: movies.MovieSpec) -> dict[str, float]:
     """Linearised-estimator RMS / bound per spectral weight (white-noise model)."""
-    from stagelock.registration import camera_variance
-    from stagelock.sim import CameraNoise
-
-    canvas, _factor = movies.make_canvas(spec.image, spec.size)
-    clean = np.clip(movies.Shifter(canvas, spec.size)(0.0, 0.0), 0.0, None)
-    cam = CameraNoise(peak_photons=movies.LEVELS[spec.level])
-    electrons = clean * cam.peak_photons + cam.background_photons
-    var = camera_variance(
-        electrons, read_noise_e=cam.read_noise_e, gain_e_per_adu=cam.gain_e_per_adu
-    )
-    img = electrons / cam.gain_e_per_adu
+    img, var = movies.frame0_expected(spec)
     ext = np.block([[img, img[:, ::-1]], [img[::-1, :], img[::-1, ::-1]]])
     s2 = np.abs(np.fft.fft2(ext - ext.mean())) ** 2
     n2 = float(var.mean()) * ext.size  # white noise power per mode
