@@ -369,6 +369,9 @@ class FrameFit:
                 normal[:, :, i, j] = normal[:, :, j, i] = self._tile_sum(prod)
         self._normal_plain = normal
         self._normal_plain_inv = np.linalg.pinv(normal)
+        # the joint model's map from its parameters to every tile's (T, Gx, Gy, 1)
+        # coefficients: gain and offset affine across the frame, one shift
+        self._lift = self._joint_lift(tile_mean)
         self._kappa_sum = 0.0
         self._kappa_n = 0
         self._ref_var = self._tile_sum(weight * var_raw)
@@ -419,10 +422,52 @@ class FrameFit:
         normal[..., 1, 1] -= shrink
         normal[..., 2, 2] -= shrink
         self.normal_inv = np.linalg.pinv(normal)
+        # the joint fit weighs each tile by the signal fraction of its gradient
+        # energy: its right-hand side's signal over its variance, both from
+        # the plain normal matrix; a tile of the reference's noise alone adds
+        # only noise (errors in variables)
+        plain = self._normal_plain
+        energy = plain[..., 1, 1] + plain[..., 2, 2]
+        signal = np.maximum(energy - 2.0 * c_g * ref_var, 0.0)
+        frac = signal / np.maximum(energy, 1e-300)
+        self._tile_frac = frac
+        lift = self._lift
+        self._joint_normal = frac[..., None, None] * np.einsum(
+            "abip,abij,abjq->abpq", lift, normal, lift
+        )
+        self._joint_var = (frac * frac)[..., None, None] * np.einsum(
+            "abip,abij,abjq->abpq", lift, plain, lift
+        )
         # information about (row, col) per tile, at unit gain: the Schur
         # complement of the (T, 1) block; pinv: a blank tile (flat, masked,
         # zeroed) carries none
         self._info_tile = np.linalg.pinv(self.normal_inv[..., 1:3, 1:3])
+
+    def _joint_lift(
+        self, tile_mean: npt.NDArray[np.float64]
+    ) -> npt.NDArray[np.float64]:
+        """Per tile, the 4 x 6 map from the joint parameters to its coefficients.
+
+        Joint parameters ``(g, cx, cy, o0, ou, ov)``: one gain, the gradients'
+        coefficients, and an offset ``o0 + ou u + ov v`` at the tile's centre
+        ``(u, v)`` in [-1, 1]. The template's basis is centred per tile, so a
+        tile's constant takes ``g`` times its template's mean as well as the
+        offset. The gain stays one number: a gain ramp times a blob is that
+        blob's gradient (a shift), and it cost a tenth of the precision on cells.
+        """
+        n_ty, n_tx = self.n_ty, self.n_tx
+        v = np.linspace(-1.0, 1.0, n_ty) if n_ty > 1 else np.zeros(1)
+        u = np.linspace(-1.0, 1.0, n_tx) if n_tx > 1 else np.zeros(1)
+        uu, vv = np.meshgrid(u, v)
+        lift = np.zeros((n_ty, n_tx, 4, 6))
+        lift[..., 0, 0] = 1.0
+        lift[..., 1, 1] = 1.0
+        lift[..., 2, 2] = 1.0
+        lift[..., 3, 0] = tile_mean
+        lift[..., 3, 3] = 1.0
+        lift[..., 3, 4] = uu
+        lift[..., 3, 5] = vv
+        return lift
 
     def _spans(
         self, ok: npt.NDArray[np.bool_], origin: int, n_tiles: int
@@ -613,14 +658,46 @@ class FrameFit:
                 + ey * ey * info[..., 1, 1]
             )
             spread = max(float(np.median(dist2[used])) / 1.386, 1e-6)
-            new = ok & (dist2 <= 16.0 * spread) & (np.hypot(ex, ey) <= 1.0)
+            new = ok & (dist2 <= 16.0 * spread)
             if np.array_equal(new, used):
                 break
             used = new
+        joint = self._joint_shift(sums, used)
+        if joint is not None:
+            dx_f, dy_f, cov = joint
         cov = cov * spread
         # inverse composition: T(x + Δ) ~ I(x + d)  =>  d <- d - Δ; cov in (row, col)
         cov_rc = np.array([[cov[1, 1], cov[0, 1]], [cov[0, 1], cov[0, 0]]])
         return _Step(d_row - dy_f, d_col - dx_f, cov_rc, used, n_valid, sums)
+
+    def _joint_shift(
+        self, sums: npt.NDArray[np.float64], used: npt.NDArray[np.bool_]
+    ) -> tuple[float, float, npt.NDArray[np.float64]] | None:
+        """Fit the shift (x, y) and its covariance once over the kept tiles.
+
+        The tiles' own gains and offsets (four parameters per tile) absorb the
+        part of the gradients that a tile's template or a constant explains: on
+        smooth content, where a tile's template is close to a ramp, much of the
+        information goes with them. Here one gain and an affine offset serve
+        every kept tile, fitted together; the per-tile fits still decide which
+        tiles to keep (the covariance is still calibrated by their scatter).
+        None: singular.
+        """
+        lift = self._lift[used]
+        a = self._joint_normal[used].sum(axis=0)
+        rhs = np.einsum("t,tip,ti->p", self._tile_frac[used], lift, sums[used][:, :4])
+        try:
+            inv = np.linalg.inv(a)
+        except np.linalg.LinAlgError:
+            return None
+        p = inv @ rhs
+        gain = float(p[0])
+        # weighted least squares: the sandwich covariance
+        sandwich = inv @ self._joint_var[used].sum(axis=0) @ inv.T
+        cov = sandwich[1:3, 1:3] / (gain * gain) if gain > 1e-6 else None
+        if cov is None or not np.all(np.isfinite(cov)):
+            return None
+        return float(p[1]) / gain, float(p[2]) / gain, cov
 
     def refine(
         self,
