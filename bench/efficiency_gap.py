@@ -5,7 +5,12 @@ it measures the whole-frame fit (:class:`stagelock.registration.FrameFit`,
 started 0.1 px from the truth, so only the sub-pixel estimator is judged) as
 RMS / bound:
 
-- ``estimated``: the noise model estimated from the reference alone (today's);
+- ``single-image σ=1``: the noise model estimated from the reference alone,
+  kept (the engine before 2026-12-03);
+- ``learnt σ=1``: FrameFit's default, the model fitted once to the first
+  frame's residuals;
+- ``learnt auto``: that, and the pre-blur the reference's spectrum predicts
+  best (``smooth_sigma_px="auto"``, the engine's default);
 - ``camera σ=s``: the camera's true noise model, pre-blur ``s`` px;
 
 and, from the noiseless frame 0 alone, what a linearised estimator with
@@ -15,9 +20,9 @@ variance (both images noisy):
 Wiener-type optimum ``W = |S|² / (2|S|²σ² + σ⁴)``, ``theory σ=s`` the Gaussian
 pre-blur ``W = |G_s|²`` (the blur of both images).
 
-It also prints the fitted noise model next to the camera's. Numbers settle what
-to build next: a measured gap between ``camera`` and ``theory`` is estimator
-loss beyond the blur and the noise model.
+It also prints the noise models (single-image, learnt, camera) and the σ that
+auto chose. Numbers settle what to build next: a measured gap between
+``camera`` and ``theory`` is estimator loss beyond the blur and the noise model.
 
     OMP_NUM_THREADS=1 python bench/efficiency_gap.py --draws 3
 
@@ -41,7 +46,9 @@ import _movies as movies  # noqa: E402
 import numpy as np  # noqa: E402
 import reference_draws as rd  # noqa: E402
 
-DEFAULT_MOVIES = "cell-512-p500,cell-512-p50,spots-512-p5000,spots-512-p500"
+DEFAULT_MOVIES = (
+    "cell-512-p500,cell-512-p50,spots-512-p5000,spots-512-p500,lattice-512-p5000"
+)
 SIGMAS = (0.75, 1.0, 1.5)
 
 
@@ -64,22 +71,29 @@ def fit_ratio(
     truth: np.ndarray,
     refs: list[np.ndarray],
     bound: float,
-    sigma: float,
+    sigma: float | str,
     noise: Any,
-) -> float:
-    """RMS-combined RMS / bound of FrameFit over the reference draws."""
-    from stagelock.registration._fullframe import FrameFit
+) -> tuple[float, Any]:
+    """RMS-combined RMS / bound of FrameFit over the reference draws, and the
+    fit of the movie's own reference (draw 0).
 
-    ratios = []
+    ``noise``: a NoiseModel, None (FrameFit learns it from the first frame), or
+    "single" (the single-image estimate of each reference, kept).
+    """
+    from stagelock.registration._fullframe import FrameFit, estimate_noise
+
+    ratios, first = [], None
     for ref in refs:
-        fit = FrameFit(ref, coverage=1.0, smooth_sigma_px=sigma, noise=noise)
+        model = estimate_noise(ref) if noise == "single" else noise
+        fit = FrameFit(ref, coverage=1.0, smooth_sigma_px=sigma, noise=model)
+        first = first or fit
         est = np.zeros((len(movie), 2))
         for i in range(1, len(movie)):
             dx, dy = truth[i] - truth[0]
             sol = fit.refine(movie[i], dy + 0.1, dx - 0.1)
             est[i] = (np.nan, np.nan) if sol is None else (sol.d_col, sol.d_row)
         ratios.append(rd.rms_px(est, truth) / bound)
-    return float(np.sqrt(np.mean(np.square(ratios))))
+    return float(np.sqrt(np.mean(np.square(ratios)))), first
 
 
 def theory(spec: movies.MovieSpec) -> dict[str, float]:
@@ -132,16 +146,19 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.draws - 1)
         ]
         est = estimate_noise(refs[0])
-        row: dict[str, Any] = {
-            "bound_px": bound,
-            "estimated σ=1": fit_ratio(movie, truth, refs, bound, 1.0, None),
-        }
+        row: dict[str, Any] = {"bound_px": bound}
+        row["single-image σ=1"] = fit_ratio(movie, truth, refs, bound, 1.0, "single")[0]
+        row["learnt σ=1"], learnt = fit_ratio(movie, truth, refs, bound, 1.0, None)
+        row["learnt auto"], auto = fit_ratio(movie, truth, refs, bound, "auto", None)
         for sigma in SIGMAS:
             row[f"camera σ={sigma:g}"] = fit_ratio(
                 movie, truth, refs, bound, sigma, camera
-            )
+            )[0]
         row.update(theory(spec))
+        row["auto σ"] = auto.sigma
         row["noise estimated"] = [est.alpha, est.beta, est.floor]
+        model = learnt.noise
+        row["noise learnt"] = [model.alpha, model.beta, model.floor]
         row["noise camera"] = [camera.alpha, camera.beta, camera.floor]
         rows[spec.name] = row
         print(spec.name, {k: v for k, v in row.items() if isinstance(v, float)})
@@ -168,7 +185,11 @@ def render(results: dict[str, Any]) -> str:
     if not rows:
         return "no movies"
     first = next(iter(rows.values()))
-    keys = [k for k, v in first.items() if isinstance(v, float) and k != "bound_px"]
+    keys = [
+        k
+        for k, v in first.items()
+        if isinstance(v, float) and k not in ("bound_px", "auto σ")
+    ]
     run = results["run"]
     lines = [
         f"Run {run['utc']}, {run['draws']} draws of frame 0 per movie, "
@@ -182,13 +203,17 @@ def render(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {row['bound_px']:.4f} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "| movie | noise model (alpha, beta, floor) estimated | camera |",
-        "|---|---|---|",
+        "Noise model (alpha, beta, floor) of the movie's own reference:",
+        "",
+        "| movie | single-image estimate | learnt (first frame) | camera | auto σ |",
+        "|---|---|---|---|---|",
     ]
     for name, row in rows.items():
-        est = ", ".join(f"{v:.4g}" for v in row["noise estimated"])
-        cam = ", ".join(f"{v:.4g}" for v in row["noise camera"])
-        lines.append(f"| {name} | {est} | {cam} |")
+        models = [
+            ", ".join(f"{v:.4g}" for v in row[f"noise {kind}"])
+            for kind in ("estimated", "learnt", "camera")
+        ]
+        lines.append(f"| {name} | " + " | ".join(models) + f" | {row['auto σ']:g} |")
     return "\n".join(lines)
 
 

@@ -236,3 +236,56 @@ def test_frame_fit_measures_the_noise_its_model_missed(base: np.ndarray) -> None
     # the same fixed point as with the right model, well inside the noise
     assert abs(sols[1].d_col - sols[0].d_col) < 0.1 * sols[0].sigma_px
     assert abs(sols[1].d_row - sols[0].d_row) < 0.1 * sols[0].sigma_px
+
+
+def _spots(shape: tuple[int, int], n: int, seed: int) -> np.ndarray:
+    """Sparse diffraction-limited spots on a dark field."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    img = np.zeros(shape)
+    for y, x in rng.uniform(8, shape[0] - 8, (n, 2)):
+        img += np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * 1.3**2))
+    return img / img.max()
+
+
+def test_frame_fit_learns_the_camera_from_the_first_frame() -> None:
+    # the residuals of the first fitted frame give the camera's own model
+    camera = CameraNoise(peak_photons=5000.0)
+    base = _spots((256, 256), 60, seed=3)
+    rng = np.random.default_rng(5)
+    ref = camera.expose(base, rng).astype(np.float32)
+    fit = FrameFit(ref, coverage=1.0, smooth_sigma_px=1.0)
+    sol = fit.refine(camera.expose(fourier_shift(base, 0.7, -0.4), rng), -0.4, 0.7)
+    assert sol is not None
+    assert_allclose([sol.d_col, sol.d_row], [0.7, -0.4], atol=0.01)
+    g = camera.gain_e_per_adu
+    # the slope reads low at the brightest pixels, whose level is noisy too
+    assert fit.noise.alpha == pytest.approx(1.0 / g, rel=0.35)
+    background_adu = np.array([camera.offset_adu + camera.background_photons * g])
+    true_var = (camera.background_photons + camera.read_noise_e**2) / g**2
+    learnt = fit.noise.variance(background_adu.astype(np.float32))[0]
+    assert learnt == pytest.approx(true_var, rel=0.5)
+
+
+def test_frame_fit_keeps_a_given_noise_model(base: np.ndarray) -> None:
+    camera = CameraNoise(peak_photons=PEAK)
+    rng = np.random.default_rng(6)
+    given = NoiseModel(3.0, 10.0, 5.0)
+    fit = FrameFit(
+        camera.expose(base, rng).astype(np.float32),
+        coverage=1.0,
+        smooth_sigma_px=1.0,
+        noise=given,
+    )
+    assert fit.refine(camera.expose(fourier_shift(base, 0.5, 0.2), rng), 0.2, 0.5)
+    assert fit.noise == given
+
+
+def test_frame_fit_against_its_own_reference_keeps_the_estimate(
+    base: np.ndarray,
+) -> None:
+    # zero residuals say nothing about the noise
+    ref = CameraNoise(peak_photons=PEAK).expose(base, np.random.default_rng(7))
+    fit = FrameFit(ref.astype(np.float32), coverage=1.0, smooth_sigma_px=1.0)
+    assert fit.refine(ref, 0.0, 0.0) is not None
+    assert fit.noise == estimate_noise(ref.astype(np.float32))

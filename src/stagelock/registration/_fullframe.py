@@ -18,12 +18,13 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
+from ._prefilter import prefilter_sigma
 from ._subpixel import (
     BANDLIMITED_HALF,
     KERNEL_RADIUS,
@@ -119,6 +120,53 @@ def estimate_noise(image: npt.NDArray[np.float32]) -> NoiseModel:
     return NoiseModel(slope, beta, floor)
 
 
+def _fit_variance_line(
+    level: npt.NDArray[np.float64], square: npt.NDArray[np.float64]
+) -> NoiseModel | None:
+    """Fit ``E[square] = alpha * level + beta`` to squared zero-mean residuals.
+
+    Weighted least squares with weights ``1 / v²`` (a squared Gaussian's
+    variance is ``2 v²``), iterated; squares beyond ``9 v`` (3σ: debris, a
+    residual of structure) are left out and the truncation's 2.7 % deficit is
+    restored. Unlike medians over bins of level, this uses every residual at
+    its own level: on sparse spots most bins would sit on the background, and
+    a wide bin's median under-reads its mean.
+    """
+    if level.size < 100 or not float(np.median(square)) > 0:
+        return None
+    var = np.full_like(level, float(np.mean(square)))
+    alpha = beta = 0.0
+    lo = float(np.percentile(level, 1.0))
+    for _ in range(6):
+        keep = square < 9.0 * var
+        w = 1.0 / var[keep] ** 2
+        x, y = level[keep], square[keep]
+        sw, sx, sy = w.sum(), (w * x).sum(), (w * y).sum()
+        sxx, sxy = (w * x * x).sum(), (w * x * y).sum()
+        det = sw * sxx - sx * sx
+        if not det > 0:
+            alpha, beta = 0.0, sy / sw
+        else:
+            alpha = (sw * sxy - sx * sy) / det
+            beta = (sxx * sy - sx * sxy) / det
+        if alpha < 0:
+            alpha, beta = 0.0, sy / sw
+        alpha, beta = alpha / TRUNCATED_SQUARE_MEAN, beta / TRUNCATED_SQUARE_MEAN
+        floor = 0.5 * max(alpha * lo + beta, 1e-30)
+        var = np.maximum(alpha * level + beta, floor)
+    if not (math.isfinite(alpha) and math.isfinite(beta)):
+        return None
+    if np.count_nonzero(square >= 9.0 * var) > 0.02 * square.size:
+        # Gaussian noise passes 3σ in 0.27 % of pixels: this is structure the
+        # fit did not explain (a wrong or poor fit), not noise
+        return None
+    return NoiseModel(float(alpha), float(beta), float(floor))
+
+
+TRUNCATED_SQUARE_MEAN = 0.9733
+"""Mean of a squared standard normal given it is below 9 (3σ)."""
+
+
 def _shift_kernel(frac: float, sigma: float) -> npt.NDArray[np.float64]:
     """Return the frames' resampling kernel for ``sigma``.
 
@@ -174,6 +222,21 @@ def _filtered(
         tmp, cv2.CV_32F, k_row.reshape(-1, 1).astype(np.float32), anchor=(0, 0)
     )
     return np.ascontiguousarray(out[: image.shape[0], : image.shape[1]])
+
+
+def _separable(
+    window: npt.NDArray[np.float32],
+    k_row: npt.NDArray[np.float64],
+    k_col: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float32]:
+    """``window`` filtered by separable taps; ``out[i, j]`` reads from ``[i, j]`` on."""
+    tmp = cv2.filter2D(
+        window, cv2.CV_32F, k_col.reshape(1, -1).astype(np.float32), anchor=(0, 0)
+    )
+    out = cv2.filter2D(
+        tmp, cv2.CV_32F, k_row.reshape(-1, 1).astype(np.float32), anchor=(0, 0)
+    )
+    return np.asarray(out, dtype=np.float32)
 
 
 def _reach(sigma: float) -> int:
@@ -250,14 +313,20 @@ class FrameFit:
         0 < coverage <= 1: fraction of the tile grid's bands used, the most
         informative first (Fisher information of the band, from the reference).
         1.0 uses every tile of the overlap.
-    smooth_sigma_px : float
+    smooth_sigma_px : float or "auto"
         The Gaussian pre-filter fused into the resampling kernel (0: Lanczos-4).
+        "auto": 1 px until the noise model is the camera's (given, or learnt
+        from the first fitted frame), then the width the reference's spectrum
+        predicts most precise (:func:`._prefilter.prefilter_sigma`: 0.75 px
+        on sharp or bright content, up to 2 px on faint smooth content).
     tile_px : int, optional
         Side of the tiles that carry a gain and an offset each and are rejected
         as a whole when they do not follow the shift (debris, a bleached patch).
         Default 32 px.
     noise : NoiseModel, optional
-        Default: estimated from the reference (:func:`estimate_noise`).
+        Kept as given. Default: estimated from the reference
+        (:func:`estimate_noise`), then fitted once to the residuals of the first
+        frame the fit converges on, and the weights rebuilt.
 
     Notes
     -----
@@ -297,7 +366,7 @@ class FrameFit:
         reference: npt.NDArray[Any],
         *,
         coverage: float,
-        smooth_sigma_px: float,
+        smooth_sigma_px: float | Literal["auto"],
         tile_px: int | None = None,
         noise: NoiseModel | None = None,
     ) -> None:
@@ -313,42 +382,80 @@ class FrameFit:
         self.shape = (height, width)
         self.tile_px = s
         self.coverage = float(coverage)
-        self.sigma = float(smooth_sigma_px)
         n_ty, n_tx = height // s, width // s
         self.origin = ((height - n_ty * s) // 2, (width - n_tx * s) // 2)
         self.n_ty, self.n_tx = n_ty, n_tx
+        self.basis_w = np.empty((4, n_ty * s, n_tx * s), dtype=np.float32)
+        self._rows = np.empty((5, n_tx * s), dtype=np.float32)
+        self._auto_sigma = smooth_sigma_px == "auto"
+        self._noise_learnt = noise is not None
+        self._build(1.0 if smooth_sigma_px == "auto" else float(smooth_sigma_px))
+        self._weigh(noise or estimate_noise(ref))
+        if self._auto_sigma and self._noise_learnt:
+            self._choose_sigma()
+
+    def _build(self, sigma: float) -> None:
+        """Build the template, its gradients and the grid's reach for ``sigma``."""
+        height, width = self.shape
+        s, n_ty, n_tx = self.tile_px, self.n_ty, self.n_tx
         r0, c0 = self.origin
         rows, cols = n_ty * s, n_tx * s
+        self.sigma = float(sigma)
         c_t, c_g = _noise_gains(self.sigma)
         self.reach = _reach(self.sigma)
-        full_t, full_gx, full_gy = _template_and_gradients(ref, self.sigma)
+        full_t, full_gx, full_gy = _template_and_gradients(self.reference, self.sigma)
         grid = (slice(r0, r0 + rows), slice(c0, c0 + cols))
-        templ, grad_x, grad_y = full_t[grid], full_gx[grid], full_gy[grid]
-        self.noise = noise or estimate_noise(ref)
-        var_raw = self.noise.variance(templ)
-        # frame noise + reference noise; the blur's per-pixel variance reduction
-        # is left out on purpose: it does not reduce the noise the smooth basis
-        # projects onto (low frequencies pass the blur), and the spread of the
-        # tiles' shifts calibrates the covariance anyway
-        weight = (1.0 / (2.0 * var_raw)).astype(np.float32)
-        # the grid spans the frame; pixels whose resampling at a shift of up to
-        # EDGE_SLACK_PX would read past the edge carry no weight, so the edge
-        # tiles stay in the fit (dropping them lost 44 % of a 256² frame)
+        # the resampling's reach past the grid: pixels whose resampling at a
+        # shift of up to EDGE_SLACK_PX would read past the edge carry no weight,
+        # so the edge tiles stay in the fit (dropping them lost 44 % of a 256²
+        # frame)
         self.k_len = 2 * self.reach + 2 if self.sigma > 0 else 2 * KERNEL_RADIUS
         lo = self.reach + EDGE_SLACK_PX
         hi_r = height - self.k_len + self.reach - EDGE_SLACK_PX  # last usable row
         hi_c = width - self.k_len + self.reach - EDGE_SLACK_PX
         row_ok = (np.arange(r0, r0 + rows) >= lo) & (np.arange(r0, r0 + rows) <= hi_r)
         col_ok = (np.arange(c0, c0 + cols) >= lo) & (np.arange(c0, c0 + cols) <= hi_c)
-        weight *= (row_ok[:, None] & col_ok[None, :]).astype(np.float32)
+        self._inside = (row_ok[:, None] & col_ok[None, :]).astype(np.float32)
         # per tile row/col: first and last weighted frame row/col (-1 if none)
         self._row_span = self._spans(row_ok, r0, n_ty)
         self._col_span = self._spans(col_ok, c0, n_tx)
         self._n_px = np.outer(
             row_ok.reshape(n_ty, s).sum(axis=1), col_ok.reshape(n_tx, s).sum(axis=1)
         )
-        grad_x = np.ascontiguousarray(grad_x)
-        grad_y = np.ascontiguousarray(grad_y)
+        self._templ = np.ascontiguousarray(full_t[grid])
+        self._grad_x = np.ascontiguousarray(full_gx[grid])
+        self._grad_y = np.ascontiguousarray(full_gy[grid])
+        self._gains = (c_t, c_g)
+
+    def _choose_sigma(self) -> bool:
+        """Rebuild for the pre-filter the spectrum predicts best; True if it moved.
+
+        See :func:`._prefilter.prefilter_sigma`; decided once the noise model
+        is the camera's (given, or learnt from the first frame's residuals):
+        the single image's estimate overstates the noise of sharp content,
+        which would ask for more blur.
+        """
+        self._auto_sigma = False
+        sigma = prefilter_sigma(self.reference, self.noise)
+        if sigma == self.sigma:
+            return False
+        self._build(sigma)
+        self._weigh(self.noise)
+        return True
+
+    def _weigh(self, noise: NoiseModel) -> None:
+        """Build the noise weights and everything that depends on them."""
+        s, n_ty, n_tx = self.tile_px, self.n_ty, self.n_tx
+        rows, cols = n_ty * s, n_tx * s
+        templ, grad_x, grad_y = self._templ, self._grad_x, self._grad_y
+        self.noise = noise
+        var_raw = noise.variance(templ)
+        # frame noise + reference noise; the blur's per-pixel variance reduction
+        # is left out on purpose: it does not reduce the noise the smooth basis
+        # projects onto (low frequencies pass the blur), and the spread of the
+        # tiles' shifts calibrates the covariance anyway
+        weight = (1.0 / (2.0 * var_raw)).astype(np.float32)
+        weight *= self._inside
         tile_mean = self._tile_sum(weight * templ) / np.maximum(
             self._tile_sum(weight), 1e-30
         )
@@ -372,10 +479,10 @@ class FrameFit:
         # the joint model's map from its parameters to every tile's (T, Gx, Gy, 1)
         # coefficients: gain and offset affine across the frame, one shift
         self._lift = self._joint_lift(tile_mean)
+        self._tile_mean = tile_mean
         self._kappa_sum = 0.0
         self._kappa_n = 0
         self._ref_var = self._tile_sum(weight * var_raw)
-        self._gains = (c_t, c_g)
         self.noise_scale = 1.0
         """The reference's noise over the noise model's, measured by :meth:`refine`
         from the residuals (1.0 until a frame is fitted)."""
@@ -389,11 +496,9 @@ class FrameFit:
         n_bands = max(1, math.ceil(self.coverage * n_ty - 1e-9))
         order = np.argsort(-band_score, kind="stable")
         self.bands = np.sort(order[:n_bands])
-        self.basis_w = np.empty((4, rows, cols), dtype=np.float32)
         for q, comp in enumerate((templ_c, grad_x, grad_y)):
             np.multiply(weight, comp, out=self.basis_w[q])
         self.basis_w[3] = weight
-        self._rows = np.empty((5, cols), dtype=np.float32)
 
     # -- helpers ------------------------------------------------------------------
 
@@ -606,6 +711,103 @@ class FrameFit:
         kappa = 2.0 * resid / (np.maximum(self._n_px - 4, 1) * (c_f + gain**2 * c_r))
         return float(np.median(kappa[used])) if np.any(used) else math.nan
 
+    def _residual_noise(
+        self,
+        frame: npt.NDArray[Any],
+        sums: npt.NDArray[np.float64],
+        used: npt.NDArray[np.bool_],
+        d_row: float,
+        d_col: float,
+    ) -> NoiseModel | None:
+        """Fit the noise model to the residuals of ``frame`` fitted at ``d``.
+
+        The frame less the kept tiles' fitted templates leaves the two images'
+        noise and none of their structure. Each squared residual, over its
+        variance per unit of the model (the frame's and the reference's
+        resampling gains ``c_f + a² c_t``, ``a`` the tile's gain, and the
+        pixel's leverage in its tile's fit), is regressed on its level (the
+        images weighed by the squared resampling taps), see
+        :func:`_fit_variance_line`. The single image's estimate
+        (:func:`estimate_noise`) cannot tell sharp structure from noise: on
+        sparse spots it reads the background's variance 30x too high, which
+        flattens the weights.
+
+        Returns
+        -------
+        NoiseModel or None
+            None when fewer than 4 tiles are used, or the residuals are not
+            those of noise: zero (the reference against itself), or more than
+            2 % of them beyond 3σ (a frame the fit does not explain).
+        """
+        s, reach, k_len = self.tile_px, self.reach, self.k_len
+        if np.count_nonzero(used) < 4:
+            return None
+        r0, c0 = self.origin
+        rows, cols = self.n_ty * s, self.n_tx * s
+        n_row, n_col = math.floor(d_row), math.floor(d_col)
+        window = self._window(
+            frame,
+            r0 + n_row - reach,
+            r0 + n_row - reach + rows + k_len - 1,
+            c0 + n_col - reach,
+            c0 + n_col - reach + cols + k_len - 1,
+        )
+        k_row = self._kernel(d_row - n_row).astype(np.float64)
+        k_col = self._kernel(d_col - n_col).astype(np.float64)
+        grid = (slice(0, rows), slice(0, cols))
+        resampled = _separable(window, k_row, k_col)[grid]
+        # the level each residual's variance belongs to: the resampling sums
+        # the pixels' variances with the squared taps, so the squared taps,
+        # normalised, weigh the level (the blurred level is too wide at sharp
+        # spots: too high on their flanks, too low at their peaks)
+        k0 = _kernels(self.sigma)[0]
+        k0_sq = k0**2 / np.sum(k0**2)
+        level_ref = _filtered(self.reference, k0_sq, k0_sq, reach)[
+            r0 : r0 + rows, c0 : c0 + cols
+        ]
+        level_frame = _separable(
+            window, k_row**2 / np.sum(k_row**2), k_col**2 / np.sum(k_col**2)
+        )[grid]
+        coef = np.einsum("abij,abj->abi", self._normal_plain_inv, sums[..., :4])
+        c_f = float(np.sum(k_row**2) * np.sum(k_col**2))
+        c_t = self._gains[0]
+        templ = self._templ
+        keep = np.repeat(np.repeat(used, s, axis=0), s, axis=1) & (self._inside > 0)
+        idx = np.flatnonzero(keep)
+        idx = idx[:: max(1, idx.size // 100_000)]  # a deterministic sparse sample
+        row, col = np.divmod(idx, cols)
+        tile = (row // s, col // s)
+        tc = coef[tile]
+        basis = np.stack(
+            [
+                templ.ravel()[idx] - self._tile_mean[tile],
+                self._grad_x.ravel()[idx],
+                self._grad_y.ravel()[idx],
+                np.ones(idx.size),
+            ],
+            axis=1,
+        )
+        model = np.einsum("ni,ni->n", tc, basis)
+        # a pixel's leverage in its tile's fit: the few bright pixels of a tile
+        # of sparse spots carry most of its four parameters, which absorb half
+        # their residual
+        leverage = self.basis_w[3].ravel()[idx] * np.einsum(
+            "ni,nij,nj->n", basis, self._normal_plain_inv[tile], basis
+        )
+        w_frame, w_ref = c_f, tc[:, 0] ** 2 * c_t
+        scaled = (resampled.ravel()[idx] - model) ** 2 / (
+            (w_frame + w_ref) * np.maximum(1.0 - leverage, 0.05)
+        )
+        level = (
+            w_frame * level_frame.ravel()[idx] + w_ref * level_ref.ravel()[idx]
+        ) / (w_frame + w_ref)
+        fitted = _fit_variance_line(level, scaled.astype(np.float64))
+        lo, hi = np.percentile(level, [1.0, 99.0])
+        if fitted is None or not float(np.median(scaled)) > 1e-8 * (hi - lo) ** 2:
+            # rounding, not noise: the reference against itself
+            return None
+        return fitted
+
     def _step(
         self, frame: npt.NDArray[Any], d_row: float, d_col: float
     ) -> _Step | None:
@@ -752,6 +954,19 @@ class FrameFit:
                 d_row, d_col, cov, used, res.n_valid, move < max(1e-3, 0.25 * sigma)
             )
             if out.converged:
+                if not self._noise_learnt:
+                    # once, at the first converged fit: the residuals' noise
+                    # model replaces the single image's guess
+                    self._noise_learnt = True
+                    fitted = self._residual_noise(
+                        frame, res.sums, res.used, at_row, at_col
+                    )
+                    if fitted is not None:
+                        self._weigh(fitted)
+                        if self._auto_sigma:
+                            self._choose_sigma()
+                        n_iter = max(n_iter, it + 2)
+                        continue
                 if not recalibrated:
                     recalibrated = True
                     # measured once, at the converged step: the residuals there

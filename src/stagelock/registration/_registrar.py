@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from ._fullframe import FrameFit, FrameSolution, estimate_noise
+from ._fullframe import FrameFit, FrameSolution
 from ._match import IntegerMatch, match_in_window
 from ._subpixel import RegionFit, RegionStack, learn_step_efficiency
 from ._templates import select_regions
@@ -396,15 +396,14 @@ class Registrar:
     def _frame_fit(self, ref32: npt.NDArray[np.float32]) -> FrameFit | None:
         if self._frame_coverage is None:
             return None
-        # the frame fit keeps the 1 px pre-filter under "auto": over every pixel
-        # of the frame the noise it removes from both images' gradients
-        # outweighs the signal it discards on all the bench's samples (beads
-        # included), and the exactly sampled kernel keeps it free of locking
-        sigma = 1.0 if self.smooth_sigma_px == "auto" else float(self.smooth_sigma_px)
-        noise = estimate_noise(ref32)
-        return FrameFit(
-            ref32, coverage=self._frame_coverage, smooth_sigma_px=sigma, noise=noise
+        # under "auto" the frame fit chooses its pre-filter from the
+        # reference's spectrum once its first frame has measured the noise
+        # (FrameFit); never unblurred: Lanczos-4's systematic error is above
+        # the bound of bright samples
+        sigma: float | Literal["auto"] = (
+            "auto" if self.smooth_sigma_px == "auto" else float(self.smooth_sigma_px)
         )
+        return FrameFit(ref32, coverage=self._frame_coverage, smooth_sigma_px=sigma)
 
     def _reduce(self, patch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         s = self._scale
