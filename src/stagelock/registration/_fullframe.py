@@ -962,9 +962,9 @@ class FrameFit:
                         frame, res.sums, res.used, at_row, at_col
                     )
                     if fitted is not None:
-                        self._weigh(fitted)
-                        if self._auto_sigma:
-                            self._choose_sigma()
+                        self.noise = fitted
+                        if not (self._auto_sigma and self._choose_sigma()):
+                            self._weigh(fitted)
                         n_iter = max(n_iter, it + 2)
                         continue
                 if not recalibrated:
