@@ -95,7 +95,7 @@ def estimate_noise(image: npt.NDArray[np.float32]) -> NoiseModel:
     neigh = 0.25 * (img[:-2, 1:-1] + img[2:, 1:-1] + img[1:-1, :-2] + img[1:-1, 2:])
     high = (centre - neigh).ravel()
     mean = cv2.blur(img, (5, 5))[1:-1, 1:-1].ravel()
-    step = max(1, high.size // 200_000)  # a deterministic sparse sample
+    step = max(1, high.size // 50_000)  # a deterministic sparse sample
     high, mean = high[::step], mean[::step]
     lo, hi = np.percentile(img[:: max(1, img.shape[0] // 256)], [1.0, 99.0])
     floor = 1e-6 * float(hi - lo) ** 2 + 1e-12
@@ -774,7 +774,7 @@ class FrameFit:
         templ = self._templ
         keep = np.repeat(np.repeat(used, s, axis=0), s, axis=1) & (self._inside > 0)
         idx = np.flatnonzero(keep)
-        idx = idx[:: max(1, idx.size // 100_000)]  # a deterministic sparse sample
+        idx = idx[:: max(1, idx.size // 40_000)]  # a deterministic sparse sample
         row, col = np.divmod(idx, cols)
         tile = (row // s, col // s)
         tc = coef[tile]

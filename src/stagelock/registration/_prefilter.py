@@ -18,9 +18,8 @@ PREFILTER_SIGMAS_PX = (0.75, 1.0, 1.5, 2.0)
 """Pre-filter widths the whole-frame fit chooses from (its kernels are exact
 for these: the band-limited blur below 1 px, a sampled Gaussian from 1 px)."""
 
-SPECTRUM_CROP_PX = 512
-"""Side of the central crop whose spectrum decides: enough modes for the sums,
-and ~10 ms whatever the frame size."""
+SPECTRUM_TILE_PX = 256
+"""Side of the tiles whose mean spectrum decides (at most 4 x 4 of them)."""
 
 
 def predicted_variance(
@@ -46,7 +45,7 @@ def predicted_variance(
     pre-filter trades the first term's loss for the second's: sharp, bright
     content wants little blur, smooth or faint content more. ``S`` is read
     from the noisy reference, ``|R|² - N`` (unbiased, so its sums are too),
-    in a Hann-windowed central crop.
+    averaged over Hann-windowed tiles (Welch [2]_).
 
     Parameters
     ----------
@@ -67,18 +66,31 @@ def predicted_variance(
     .. [1] D. Robinson and P. Milanfar, "Fundamental performance limits in image
        registration", IEEE Trans. Image Process. 13(9), 1185-1199 (2004),
        :doi:`10.1109/TIP.2004.832923`.
+    .. [2] P. Welch, "The use of fast Fourier transform for the estimation of
+       power spectra", IEEE Trans. Audio Electroacoust. 15(2), 70-73 (1967),
+       :doi:`10.1109/TAU.1967.1161901`.
     """
     image = np.asarray(reference, dtype=np.float64)
     height, width = image.shape
-    ch, cw = min(height, SPECTRUM_CROP_PX), min(width, SPECTRUM_CROP_PX)
-    r0, c0 = (height - ch) // 2, (width - cw) // 2
-    crop = image[r0 : r0 + ch, c0 : c0 + cw]
+    ch, cw = min(height, SPECTRUM_TILE_PX), min(width, SPECTRUM_TILE_PX)
     window = np.outer(np.hanning(ch), np.hanning(cw))
-    variance = noise.variance(crop.astype(np.float32)).astype(np.float64)
-    # white noise of the windowed crop: the same power in every mode
-    n2 = float(np.sum(window**2 * variance))
-    centred = (crop - np.average(crop, weights=window)) * window
-    s2 = np.abs(np.fft.rfft2(centred)) ** 2 - n2
+    # Welch: the mean periodogram of windowed tiles spread over the frame, so
+    # content off the centre counts (and at most 16 FFTs whatever the size)
+    power = np.zeros((ch, cw // 2 + 1))
+    n2 = 0.0
+    rows = np.unique(np.linspace(0, height - ch, min(4, height // ch)).round())
+    cols = np.unique(np.linspace(0, width - cw, min(4, width // cw)).round())
+    for r0 in rows.astype(int):
+        for c0 in cols.astype(int):
+            tile = image[r0 : r0 + ch, c0 : c0 + cw]
+            variance = noise.variance(tile.astype(np.float32)).astype(np.float64)
+            # white noise of the windowed tile: the same power in every mode
+            n2 += float(np.sum(window**2 * variance))
+            centred = (tile - np.average(tile, weights=window)) * window
+            power += np.abs(np.fft.rfft2(centred)) ** 2
+    n_tiles = len(rows) * len(cols)
+    n2 /= n_tiles
+    s2 = power / n_tiles - n2
     ky = 2 * np.pi * np.fft.fftfreq(ch)[:, None]
     kx = 2 * np.pi * np.fft.rfftfreq(cw)[None, :]
     # rfft2 holds each mode once, except the columns without a mirror twin
@@ -86,17 +98,21 @@ def predicted_variance(
     count[:, 0] = 1.0
     if cw % 2 == 0:
         count[:, -1] = 1.0
-    noise_terms = 2 * s2 * n2 + n2 * n2
+    k_sq = kx**2 + ky**2
+    signal = count * s2
+    noise_terms = count * (2 * s2 * n2 + n2 * n2)
+    axes = (np.broadcast_to(kx**2, s2.shape), np.broadcast_to(ky**2, s2.shape))
     out: dict[float, float] = {}
     for sigma in sigmas_px:
-        w = np.exp(-(kx**2 + ky**2) * sigma**2)
+        w = np.exp(-k_sq * sigma**2)
+        ws, wwn = w * signal, w * w * noise_terms
         total = 0.0
-        for k2 in (kx**2, ky**2):
-            info = float(np.sum(count * w * k2 * s2))
+        for k2 in axes:
+            info = float(np.vdot(ws, k2))
             if not info > 0:
                 total = math.inf
                 break
-            total += float(np.sum(count * w * w * k2 * noise_terms)) / info**2
+            total += float(np.vdot(wwn, k2)) / info**2
         out[float(sigma)] = total
     return out
 
