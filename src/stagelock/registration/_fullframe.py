@@ -454,9 +454,10 @@ class FrameFit:
         # is left out on purpose: it does not reduce the noise the smooth basis
         # projects onto (low frequencies pass the blur), and the spread of the
         # tiles' shifts calibrates the covariance anyway
-        weight = (1.0 / (2.0 * var_raw)).astype(np.float32)
+        weight = self.basis_w[3]
+        np.divide(0.5, var_raw, out=weight)
         weight *= self._inside
-        tile_mean = self._tile_sum(weight * templ) / np.maximum(
+        tile_mean = self._tile_dot(weight, templ) / np.maximum(
             self._tile_sum(weight), 1e-30
         )
         centred = (
@@ -464,16 +465,18 @@ class FrameFit:
             - tile_mean.astype(np.float32)[:, None, :, None]
         )
         templ_c = np.ascontiguousarray(centred.reshape(rows, cols))
-        # per-tile weighted normal matrices of the basis (T, Gx, Gy, 1)
-        basis = (templ_c, grad_x, grad_y, None)
+        # per-tile weighted normal matrices of the basis (T, Gx, Gy, 1), from
+        # the weighted basis without full-frame temporaries
+        basis = (templ_c, grad_x, grad_y)
+        for q, comp in enumerate(basis):
+            np.multiply(weight, comp, out=self.basis_w[q])
         normal = np.empty((n_ty, n_tx, 4, 4))
-        for i, bi in enumerate(basis):
-            for j in range(i, 4):
-                bj = basis[j]
-                prod = weight if bi is None else weight * bi
-                if bj is not None:
-                    prod = prod * bj
-                normal[:, :, i, j] = normal[:, :, j, i] = self._tile_sum(prod)
+        for i in range(4):
+            for j in range(i, 3):
+                normal[:, :, i, j] = normal[:, :, j, i] = self._tile_dot(
+                    self.basis_w[i], basis[j]
+                )
+            normal[:, :, i, 3] = normal[:, :, 3, i] = self._tile_sum(self.basis_w[i])
         self._normal_plain = normal
         self._normal_plain_inv = np.linalg.pinv(normal)
         # the joint model's map from its parameters to every tile's (T, Gx, Gy, 1)
@@ -482,7 +485,7 @@ class FrameFit:
         self._tile_mean = tile_mean
         self._kappa_sum = 0.0
         self._kappa_n = 0
-        self._ref_var = self._tile_sum(weight * var_raw)
+        self._ref_var = self._tile_dot(weight, var_raw)
         self.noise_scale = 1.0
         """The reference's noise over the noise model's, measured by :meth:`refine`
         from the residuals (1.0 until a frame is fitted)."""
@@ -496,11 +499,17 @@ class FrameFit:
         n_bands = max(1, math.ceil(self.coverage * n_ty - 1e-9))
         order = np.argsort(-band_score, kind="stable")
         self.bands = np.sort(order[:n_bands])
-        for q, comp in enumerate((templ_c, grad_x, grad_y)):
-            np.multiply(weight, comp, out=self.basis_w[q])
-        self.basis_w[3] = weight
 
     # -- helpers ------------------------------------------------------------------
+
+    def _tile_dot(
+        self, a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]
+    ) -> npt.NDArray[np.float64]:
+        """Sum over each tile of ``a * b`` (grid-shaped) -> (n_ty, n_tx)."""
+        s = self.tile_px
+        shape = (a.shape[0] // s, s, a.shape[1] // s, s)
+        out = np.einsum("aibj,aibj->ab", a.reshape(shape), b.reshape(shape))
+        return np.asarray(out, dtype=np.float64)
 
     def _tile_sum(self, image: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
         """Sum over each tile of a grid-shaped image -> (n_ty, n_tx)."""
