@@ -215,19 +215,14 @@ def _filtered(
     pad = cv2.copyMakeBorder(
         image, reach, n - 1 - reach, reach, n - 1 - reach, cv2.BORDER_REFLECT_101
     )
-    tmp = cv2.filter2D(
-        pad, cv2.CV_32F, k_col.reshape(1, -1).astype(np.float32), anchor=(0, 0)
-    )
-    out = cv2.filter2D(
-        tmp, cv2.CV_32F, k_row.reshape(-1, 1).astype(np.float32), anchor=(0, 0)
-    )
+    out = _separable(np.asarray(pad, dtype=np.float32), k_row, k_col)
     return np.ascontiguousarray(out[: image.shape[0], : image.shape[1]])
 
 
 def _separable(
     window: npt.NDArray[np.float32],
-    k_row: npt.NDArray[np.float64],
-    k_col: npt.NDArray[np.float64],
+    k_row: npt.NDArray[np.floating[Any]],
+    k_col: npt.NDArray[np.floating[Any]],
 ) -> npt.NDArray[np.float32]:
     """``window`` filtered by separable taps; ``out[i, j]`` reads from ``[i, j]`` on."""
     tmp = cv2.filter2D(
@@ -661,8 +656,8 @@ class FrameFit:
         valid = np.zeros((self.n_ty, self.n_tx), dtype=bool)
         if ty_hi <= ty_lo or tx_hi <= tx_lo:
             return sums, valid
-        k_col = self._kernel(d_col - n_col).reshape(1, -1)
-        k_row = self._kernel(d_row - n_row).reshape(-1, 1)
+        k_col = self._kernel(d_col - n_col)
+        k_row = self._kernel(d_row - n_row)
         ca, cb = tx_lo * s, tx_hi * s
         n_t = tx_hi - tx_lo
         src_c0 = c0 + ca + n_col - reach
@@ -679,10 +674,7 @@ class FrameFit:
             ra = int(band) * s
             src_r0 = r0 + ra + n_row - reach
             window = self._window(frame, src_r0, src_r0 + s + k_len - 1, src_c0, src_c1)
-            # row pass then column pass; anchor 0: out[i] reads window[i:i+k]
-            tmp = cv2.filter2D(window, cv2.CV_32F, k_col, anchor=(0, 0))
-            tmp = cv2.filter2D(tmp, cv2.CV_32F, k_row, anchor=(0, 0))
-            img = tmp[:s, : cb - ca]
+            img = _separable(window, k_row, k_col)[:s, : cb - ca]
             # the weighted basis (T, Gx, Gy, 1) times the frame, and the energy,
             # summed down the band's rows in one pass (no product array)
             cols = sums_rows[:, : cb - ca]
