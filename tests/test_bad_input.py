@@ -816,7 +816,12 @@ def test_22_no_frightening_adapter_error_and_the_demo_extra_named(
     assert "mmcore install" not in proc.stderr
     cfg = tmp_path / "mm.toml"
     cfg.write_text('[source]\nkind = "micromanager"\n')
-    run = run_cli("run", "--config", cfg, "--duration", "1", env=env)
+    # free ports: another stagelock on this machine must not decide the error
+    run = run_cli(
+        "run", "--config", cfg, "--duration", "1",
+        "--publish", free_endpoint(), "--control", free_endpoint(),
+        env=env,
+    )  # fmt: skip
     assert_user_error(run, 'pip install "stagelock[demo]"')
 
 
