@@ -92,3 +92,15 @@ def test_frame_fit_auto_blurs_faint_smooth_content_and_gains() -> None:
     # same frames, same reference: the noise the blur removes outweighs the
     # signal it loses (0.050 vs 0.074 px on this draw)
     assert rms_auto < 0.8 * rms_fixed
+
+
+def test_frame_fit_auto_with_a_given_model_chooses_at_once() -> None:
+    camera = CameraNoise(peak_photons=5000.0)
+    ref = camera.expose(sample_image((256, 256)), np.random.default_rng(0))
+    fit = FrameFit(
+        ref.astype(np.float32),
+        coverage=1.0,
+        smooth_sigma_px="auto",
+        noise=_camera_model(camera),
+    )
+    assert fit.sigma == prefilter_sigma(ref, _camera_model(camera)) == 0.75

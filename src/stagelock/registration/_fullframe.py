@@ -384,10 +384,16 @@ class FrameFit:
         self._rows = np.empty((5, n_tx * s), dtype=np.float32)
         self._auto_sigma = smooth_sigma_px == "auto"
         self._noise_learnt = noise is not None
-        self._build(1.0 if smooth_sigma_px == "auto" else float(smooth_sigma_px))
+        if smooth_sigma_px != "auto":
+            sigma = float(smooth_sigma_px)
+        elif noise is not None:
+            # the camera's model is given: decide now, build once
+            self._auto_sigma = False
+            sigma = prefilter_sigma(ref, noise)
+        else:
+            sigma = 1.0
+        self._build(sigma)
         self._weigh(noise or estimate_noise(ref))
-        if self._auto_sigma and self._noise_learnt:
-            self._choose_sigma()
 
     def _build(self, sigma: float) -> None:
         """Build the template, its gradients and the grid's reach for ``sigma``."""
@@ -426,9 +432,9 @@ class FrameFit:
         """Rebuild for the pre-filter the spectrum predicts best; True if it moved.
 
         See :func:`._prefilter.prefilter_sigma`; decided once the noise model
-        is the camera's (given, or learnt from the first frame's residuals):
-        the single image's estimate overstates the noise of sharp content,
-        which would ask for more blur.
+        is learnt from the first frame's residuals (at construction when it is
+        given): the single image's estimate overstates the noise of sharp
+        content, which would ask for more blur.
         """
         self._auto_sigma = False
         sigma = prefilter_sigma(self.reference, self.noise)
