@@ -191,6 +191,28 @@ def test_frame_fit_precision_over_many_noisy_pairs(base: np.ndarray) -> None:
     assert rms < 1.8 * bound.rms_px
 
 
+def test_frame_fit_stops_when_its_contraction_says_the_error_left_is_small(
+    base: np.ndarray, movie: tuple[np.ndarray, np.ndarray]
+) -> None:
+    # after a few tracked frames the fit knows how fast it converges: a frame
+    # starting near its answer is done in one resampling, where the fully
+    # iterated fit lands
+    frames, truth = movie
+    fit = FrameFit(frames[0], coverage=1.0, smooth_sigma_px=1.0)
+    for frame, (dx, dy) in zip(frames[1:8], truth[1:8], strict=True):
+        assert fit.refine(frame, dy + 0.02, dx - 0.02) is not None
+    assert fit.contraction < 0.1
+    (dx, dy), frame = truth[9], frames[9]
+    once = fit.refine(frame, dy + 0.01, dx - 0.01, max_iter=1)
+    full = fit.refine(frame, dy + 0.01, dx - 0.01, max_iter=6)
+    assert once is not None and full is not None
+    assert once.converged
+    assert math.hypot(once.d_row - full.d_row, once.d_col - full.d_col) < (
+        0.1 * full.sigma_px
+    )
+    assert math.hypot(once.d_col - dx, once.d_row - dy) < 4 * full.sigma_px
+
+
 def test_frame_fit_with_blank_tiles(base: np.ndarray) -> None:
     # a zeroed patch (a mask, a dead camera region) and flat background: those
     # tiles carry no information; the fit neither fails nor follows them

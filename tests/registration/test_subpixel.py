@@ -6,6 +6,8 @@ import pytest
 from stagelock.registration._subpixel import (
     BANDLIMITED_HALF,
     bandlimited_shift_kernel,
+    error_left_px,
+    learn_contraction,
     learn_step_efficiency,
 )
 
@@ -32,6 +34,19 @@ def test_step_efficiency_ignores_steps_that_say_nothing(
     sigma_px: float,
 ) -> None:
     assert learn_step_efficiency(0.8, step, previous, sigma_px) == 0.8
+
+
+def test_contraction_jumps_up_at_once_and_decays_by_half() -> None:
+    assert learn_contraction(1.0, 0.01, 1.0) == 0.5  # fast: halve, no more
+    assert learn_contraction(0.02, 0.3, 1.0) == 0.3  # slower: at once
+    assert learn_contraction(0.5, 2.0, 1.0) == 1.0  # diverging: capped at 1
+    assert learn_contraction(0.3, 0.1, 0.0) == 0.3  # no previous move
+
+
+def test_error_left_is_the_geometric_tail_of_the_moves() -> None:
+    assert error_left_px(0.1, 0.2) == pytest.approx(0.025)
+    assert error_left_px(0.1, 0.5) == 0.1  # slow contraction: no credit
+    assert error_left_px(0.1, 1.0) == 0.1
 
 
 @pytest.mark.parametrize("frac", [0.0, 0.25, 0.5, 0.9])

@@ -28,8 +28,11 @@ from ._prefilter import prefilter_sigma
 from ._subpixel import (
     BANDLIMITED_HALF,
     KERNEL_RADIUS,
+    LEFT_TOLERANCE,
     bandlimited_shift_kernel,
+    error_left_px,
     gaussian_shift_kernel,
+    learn_contraction,
     learn_step_efficiency,
     shift_kernel,
 )
@@ -371,6 +374,7 @@ class FrameFit:
         self.reference = ref
         # Gauss-Newton step efficiency, learnt by refine() (see there)
         self.eta = 1.0
+        self.contraction = 1.0  # of the iteration, learnt across frames
         height, width = ref.shape
         s = tile_px or 32
         s = int(min(s, height, width))
@@ -936,6 +940,7 @@ class FrameFit:
         start = (d_row, d_col)
         out: FrameSolution | None = None
         prev: tuple[float, float, float] | None = None  # plain step, its gain
+        last_move = 0.0
         recalibrated = False
         n_iter, it = max_iter, 0
         while it < n_iter:
@@ -957,8 +962,22 @@ class FrameFit:
             if max(abs(d_row - start[0]), abs(d_col - start[1])) > 2.0:
                 return None
             move = max(abs(move_r), abs(move_c))
+            tol = max(1e-3, 0.25 * sigma)
+            if last_move > 0:
+                self.contraction = learn_contraction(self.contraction, move, last_move)
+                left = error_left_px(move, move / last_move)
+            else:
+                # the contraction learnt on earlier frames: a start within a
+                # fraction of the tolerance over it needs no confirming step
+                left = error_left_px(move, self.contraction)
+            last_move = move
             out = FrameSolution(
-                d_row, d_col, cov, used, res.n_valid, move < max(1e-3, 0.25 * sigma)
+                d_row,
+                d_col,
+                cov,
+                used,
+                res.n_valid,
+                move < tol or left < LEFT_TOLERANCE * tol,
             )
             if out.converged:
                 if not self._noise_learnt:

@@ -17,7 +17,14 @@ import numpy.typing as npt
 
 from ._fullframe import FrameFit, FrameSolution
 from ._match import IntegerMatch, match_in_window
-from ._subpixel import RegionFit, RegionStack, learn_step_efficiency
+from ._subpixel import (
+    LEFT_TOLERANCE,
+    RegionFit,
+    RegionStack,
+    error_left_px,
+    learn_contraction,
+    learn_step_efficiency,
+)
 from ._templates import select_regions
 from ._types import ShiftEstimate, Status
 from ._verify import overlap_agreement, overview, overview_factor
@@ -732,11 +739,16 @@ class Registrar:
         energy (errors in variables: the fixed point is unbiased, only the
         convergence is slow, ~0.5 per step on faint, smooth samples). η is
         measured from the ratio of successive steps and each step is scaled by
-        1/η, which restores fast convergence. Stops when the move is below half
-        the statistical uncertainty or 1e-3 px.
+        1/η, which restores fast convergence. Stops when the move is below the
+        tolerance, half the statistical uncertainty or 1e-3 px, or when the
+        error it leaves (the tail of the moves a linear convergence at the
+        iteration's contraction predicts, :func:`.learn_contraction`) is below
+        a fifth of it: that saves the confirming step of a frame that moved
+        little.
         """
         solution: _Solution | None = None
         prev: tuple[float, float, float] | None = None  # plain step, its gain
+        last_step = 0.0
         for _ in range(max_iter):
             fused = _fuse(stack.fit(frame, d_row, d_col))
             if fused is None:
@@ -751,6 +763,15 @@ class Registrar:
             d_col += move_c
             prev = (plain_r, plain_c, gain)
             step = max(abs(move_r), abs(move_c))
+            tol = max(1e-3, 0.5 * sigma)
+            if last_step > 0:
+                stack.contraction = learn_contraction(
+                    stack.contraction, step, last_step
+                )
+                left = error_left_px(step, step / last_step)
+            else:
+                left = error_left_px(step, stack.contraction)
+            last_step = step
             solution = _Solution(
                 d_row,
                 d_col,
@@ -758,7 +779,7 @@ class Registrar:
                 fused.median_ncc,
                 fused.n_inliers,
                 fused.n_valid,
-                converged=step < max(1e-3, 0.5 * sigma),
+                converged=step < tol or left < LEFT_TOLERANCE * tol,
                 spread_var=fused.spread_var,
                 reduced_chi2=fused.reduced_chi2,
             )
@@ -790,20 +811,20 @@ def _median(values: npt.NDArray[np.float64]) -> float:
 
 def _fuse(fit: RegionFit) -> _Solution | None:
     """Inverse-covariance mean of the regions that agree with the median."""
-    ok = fit.valid & (fit.ncc > 0) & np.isfinite(fit.d_row) & np.isfinite(fit.d_col)
-    n_ok = int(np.count_nonzero(ok))
+    ok = np.flatnonzero(fit.valid & (fit.ncc > 0) & np.isfinite(fit.d_row + fit.d_col))
+    n_ok = len(ok)
     if n_ok == 0:
         return None
     rows, cols, cov = fit.d_row[ok], fit.d_col[ok], fit.cov[ok]
-    var_rr, var_cc, var_rc = cov[:, 0, 0], cov[:, 1, 1], cov[:, 0, 1]
+    var_rr, var_cc = cov[:, 0, 0], cov[:, 1, 1]
     # agree = within 0.3 px of the median, or within 4 sigma for noisy regions
     dist2 = (rows - _median(rows)) ** 2 + (cols - _median(cols)) ** 2
-    inliers = dist2 <= np.maximum(0.09, 16.0 * (var_rr + var_cc))
-    n_in = int(np.count_nonzero(inliers))
+    inliers = np.flatnonzero(dist2 <= np.maximum(0.09, 16.0 * (var_rr + var_cc)))
+    n_in = len(inliers)
     if n_in == 0:
         return None
-    rows, cols = rows[inliers], cols[inliers]
-    var_rr, var_cc, var_rc = var_rr[inliers], var_cc[inliers], var_rc[inliers]
+    rows, cols, cov = rows[inliers], cols[inliers], cov[inliers]
+    var_rr, var_cc, var_rc = cov[:, 0, 0], cov[:, 1, 1], cov[:, 0, 1]
     # information matrices of the 2x2 covariances, in closed form
     det = var_rr * var_cc - var_rc * var_rc + 1e-24
     i_rr, i_cc, i_rc = var_cc / det, var_rr / det, -var_rc / det
@@ -824,7 +845,7 @@ def _fuse(fit: RegionFit) -> _Solution | None:
         d_row,
         d_col,
         fused_cov,
-        _median(fit.ncc[ok][inliers]),
+        _median(fit.ncc[ok[inliers]]),
         n_in,
         n_ok,
         spread_var=spread,

@@ -21,10 +21,13 @@ import numpy.typing as npt
 
 __all__ = [
     "KERNEL_RADIUS",
+    "LEFT_TOLERANCE",
     "RegionFit",
     "RegionStack",
     "bandlimited_shift_kernel",
+    "error_left_px",
     "gaussian_shift_kernel",
+    "learn_contraction",
     "learn_step_efficiency",
     "shift_kernel",
 ]
@@ -85,6 +88,51 @@ def learn_step_efficiency(
     return 0.6 * eta + 0.4 * measured
 
 
+def learn_contraction(contraction: float, move_px: float, previous_px: float) -> float:
+    """Update the learnt contraction of a Gauss-Newton iteration from two moves.
+
+    Near the optimum each move is a fraction ``ρ`` of the one before (linear
+    convergence), so the error left after a move of ``m`` is about ``ρ m``. An
+    iteration that knows ``ρ`` can stop after the move that leaves less than
+    its tolerance, instead of paying one more step to see a small one. The
+    estimate jumps up to a larger observed ratio at once and decays by half
+    per observation towards smaller ones, so one frame's fast convergence
+    cannot talk the next frame out of a step it needs. Start at 1 (unknown);
+    :func:`error_left_px` turns it into the error left.
+
+    Parameters
+    ----------
+    contraction : float
+        The current estimate, in (0, 1].
+    move_px, previous_px : float
+        Two successive moves of one iteration (largest axis), px.
+
+    Returns
+    -------
+    float
+        The updated estimate (unchanged when ``previous_px`` is not positive).
+    """
+    if not previous_px > 0:
+        return contraction
+    return max(min(move_px / previous_px, 1.0), 0.5 * contraction)
+
+
+LEFT_TOLERANCE = 0.2
+"""Error a Gauss-Newton iteration may leave, predicted by :func:`error_left_px`,
+as a fraction of the move it stops below (that rule leaves ~ρ of the move)."""
+
+
+def error_left_px(move_px: float, contraction: float) -> float:
+    """Error an iteration contracting by ``contraction`` has left after a move.
+
+    The geometric tail of the moves still to come, ``m ρ / (1 - ρ)``; the move
+    itself when ``ρ >= 1/2`` (the tail would be at least the move: no credit).
+    """
+    if contraction >= 0.5:
+        return move_px
+    return move_px * contraction / (1.0 - contraction)
+
+
 def gaussian_shift_kernel(frac: float, sigma_px: float) -> npt.NDArray[np.float32]:
     """Gaussian blur and sub-pixel shift in one kernel: ``G_σ`` sampled at ``k - frac``.
 
@@ -95,10 +143,12 @@ def gaussian_shift_kernel(frac: float, sigma_px: float) -> npt.NDArray[np.float3
     interpolation kernel's phase error at all.
     """
     half = math.ceil(3.5 * sigma_px)
-    taps = np.arange(-half, half + 2, dtype=np.float64) - frac
-    weights = np.exp(-0.5 * (taps / sigma_px) ** 2)
-    out: npt.NDArray[np.float32] = (weights / weights.sum()).astype(np.float32)
-    return out
+    # ~10 taps: scalar math beats numpy's per-call overhead (once per axis per step)
+    weights = [
+        math.exp(-0.5 * ((k - frac) / sigma_px) ** 2) for k in range(-half, half + 2)
+    ]
+    total = sum(weights)
+    return np.array([w / total for w in weights], dtype=np.float32)
 
 
 BANDLIMITED_HALF = 5
@@ -261,8 +311,10 @@ class RegionStack:
     ) -> None:
         height, width = reference.shape
         self.smooth_sigma_px = float(smooth_sigma_px)
-        # Gauss-Newton step efficiency, learnt by the Registrar for this template
+        # Gauss-Newton step efficiency and contraction, learnt by the Registrar
+        # for this template
         self.eta = 1.0
+        self.contraction = 1.0
         blur: npt.NDArray[np.float32] | None = None
         self._reach = self.reach_px(smooth_sigma_px)
         side = size + 2 * self._reach + 1
@@ -270,13 +322,12 @@ class RegionStack:
             # the same sampled Gaussian as the frames get, at zero shift
             blur = gaussian_shift_kernel(0.0, smooth_sigma_px)
         self.size = size
+        self._corners = [(int(r), int(c)) for r, c in corners]
         self.rows = np.array([r for r, _ in corners], dtype=np.int64)
         self.cols = np.array([c for _, c in corners], dtype=np.int64)
         n, p = len(corners), size * size
         self.patches = np.empty((n, size, size), dtype=np.float32)
         basis = np.empty((n, 4, p), dtype=np.float32)
-        normal_inv = np.empty((n, 4, 4), dtype=np.float64)
-        texture = np.empty(n, dtype=np.float64)
         for i, (row, col) in enumerate(corners):
             # gradients from a 1-px larger crop so border pixels have neighbours
             r0, r1 = max(row - 1, 0), min(row + size + 1, height)
@@ -297,17 +348,18 @@ class RegionStack:
             basis[i, 1] = grad_x[sl].ravel()
             basis[i, 2] = grad_y[sl].ravel()
             basis[i, 3] = 1.0
-            normal = basis[i].astype(np.float64) @ basis[i].T.astype(np.float64)
-            normal_inv[i] = np.linalg.pinv(normal)
-            texture[i] = float(np.linalg.eigvalsh(normal[1:3, 1:3])[0]) / p
+        basis64 = basis.astype(np.float64)
+        normal = np.matmul(basis64, basis64.transpose(0, 2, 1))
         self.basis = basis
-        self.normal_inv = normal_inv
-        self.texture = texture
+        self.normal_inv: npt.NDArray[np.float64] = np.linalg.pinv(normal)
+        self.texture: npt.NDArray[np.float64] = (
+            np.linalg.eigvalsh(normal[:, 1:3, 1:3])[:, 0] / p
+        )
         self._t_norm = np.sqrt(
             np.einsum("np,np->n", basis[:, 0], basis[:, 0], dtype=np.float64)
         )
         # covariance of (Δy, Δx) per unit residual variance and unit gain
-        self._cov_unit = normal_inv[:, [2, 1]][:, :, [2, 1]]
+        self._cov_unit = self.normal_inv[:, [2, 1]][:, :, [2, 1]]
         self._buffer = np.zeros((n, side, side), dtype=np.float32)
 
     @staticmethod
@@ -345,15 +397,16 @@ class RegionStack:
         size = self.size
         side = self._buffer.shape[1]
         n_row, n_col = math.floor(d_row), math.floor(d_col)
-        r0s = self.rows + (n_row - self._reach)
-        c0s = self.cols + (n_col - self._reach)
+        off_row, off_col = n_row - self._reach, n_col - self._reach
         height, width = frame.shape
-        valid = (r0s >= 0) & (c0s >= 0) & (r0s + side <= height) & (c0s + side <= width)
         buf = self._buffer
-        for i in range(len(r0s)):
-            if valid[i]:
-                r0, c0 = int(r0s[i]), int(c0s[i])
+        valid = np.zeros(len(self._corners), dtype=bool)
+        # a handful of regions: plain ints, no per-region numpy scalars
+        for i, (row, col) in enumerate(self._corners):
+            r0, c0 = row + off_row, col + off_col
+            if r0 >= 0 and c0 >= 0 and r0 + side <= height and c0 + side <= width:
                 buf[i] = frame[r0 : r0 + side, c0 : c0 + side]
+                valid[i] = True
             else:
                 buf[i] = 0.0
         out = cv2.sepFilter2D(
@@ -366,7 +419,7 @@ class RegionStack:
         )
         # anchor (0, 0): rows [0, size) of each block read only that block's rows
         patches = np.asarray(out, dtype=np.float32).reshape(-1, side, side)
-        return patches[:, :size, :size].reshape(len(r0s), size * size), valid
+        return patches[:, :size, :size].reshape(len(valid), size * size), valid
 
     def fit(
         self, frame: npt.NDArray[np.generic], d_row: float, d_col: float
