@@ -816,30 +816,37 @@ def _fuse(fit: RegionFit) -> _Solution | None:
     if n_ok == 0:
         return None
     rows, cols, cov = fit.d_row[ok], fit.d_col[ok], fit.cov[ok]
-    var_rr, var_cc = cov[:, 0, 0], cov[:, 1, 1]
     # agree = within 0.3 px of the median, or within 4 sigma for noisy regions
     dist2 = (rows - _median(rows)) ** 2 + (cols - _median(cols)) ** 2
-    inliers = np.flatnonzero(dist2 <= np.maximum(0.09, 16.0 * (var_rr + var_cc)))
+    spread2 = 16.0 * (cov[:, 0, 0] + cov[:, 1, 1])
+    inliers = np.flatnonzero(dist2 <= np.maximum(0.09, spread2))
     n_in = len(inliers)
     if n_in == 0:
         return None
-    rows, cols, cov = rows[inliers], cols[inliers], cov[inliers]
-    var_rr, var_cc, var_rc = cov[:, 0, 0], cov[:, 1, 1], cov[:, 0, 1]
-    # information matrices of the 2x2 covariances, in closed form
-    det = var_rr * var_cc - var_rc * var_rc + 1e-24
-    i_rr, i_cc, i_rc = var_cc / det, var_rr / det, -var_rc / det
-    a, b, c = float(i_rr.sum()), float(i_cc.sum()), float(i_rc.sum())
-    v_r = float(i_rr @ rows + i_rc @ cols)
-    v_c = float(i_rc @ rows + i_cc @ cols)
+    # a handful of regions: the closed-form 2x2 algebra in plain floats
+    rows_in, cols_in = rows[inliers].tolist(), cols[inliers].tolist()
+    cov_in = cov[inliers].reshape(n_in, 4).tolist()
+    info = []  # information matrices (rr, cc, rc) of the 2x2 covariances
+    a = b = c = v_r = v_c = 0.0
+    for (var_rr, var_rc, _, var_cc), row, col in zip(
+        cov_in, rows_in, cols_in, strict=True
+    ):
+        det = var_rr * var_cc - var_rc * var_rc + 1e-24
+        i_rr, i_cc, i_rc = var_cc / det, var_rr / det, -var_rc / det
+        info.append((i_rr, i_cc, i_rc))
+        a, b, c = a + i_rr, b + i_cc, c + i_rc
+        v_r += i_rr * row + i_rc * col
+        v_c += i_rc * row + i_cc * col
     det_sum = a * b - c * c
     fused_cov = np.array([[b, -c], [-c, a]]) / det_sum
     d_row = (b * v_r - c * v_c) / det_sum
     d_col = (a * v_c - c * v_r) / det_sum
-    res_r, res_c = rows - d_row, cols - d_col
-    spread = (
-        float(np.sum(res_r**2 + res_c**2)) / (n_in - 1) / n_in if n_in > 1 else math.inf
-    )
-    chi2 = float(np.sum(i_rr * res_r**2 + 2.0 * i_rc * res_r * res_c + i_cc * res_c**2))
+    sq = chi2 = 0.0
+    for (i_rr, i_cc, i_rc), row, col in zip(info, rows_in, cols_in, strict=True):
+        res_r, res_c = row - d_row, col - d_col
+        sq += res_r * res_r + res_c * res_c
+        chi2 += i_rr * res_r * res_r + 2.0 * i_rc * res_r * res_c + i_cc * res_c * res_c
+    spread = sq / (n_in - 1) / n_in if n_in > 1 else math.inf
     reduced_chi2 = chi2 / (2 * (n_in - 1)) if n_in > 1 else math.nan
     return _Solution(
         d_row,
