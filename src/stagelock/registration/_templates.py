@@ -90,7 +90,7 @@ def select_regions(
     # (r + win // 2, c + win // 2) describes the window starting at (r, c). Its
     # Sobel scale 1 / (4 win) makes it 1/16 of the mean structure tensor's
     # eigenvalue; the score keeps that unit. One call instead of a dozen
-    # whole-image passes: ~2x less time at 512² (the passes are memory-bound).
+    # memory-bound whole-image passes (4.0 -> 3.4 ms at 512², same regions).
     valid_rows = small.shape[0] - win + 1
     valid_cols = small.shape[1] - win + 1
     if valid_rows < 1 or valid_cols < 1:
