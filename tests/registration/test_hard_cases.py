@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 
+import cv2
+import numpy as np
 import pytest
 
-from stagelock import Registrar
+from stagelock import Registrar, estimate_shifts
+from stagelock.sim import CameraNoise, fourier_shift, sample_image
 
 from ._corpus import RIGHT_PX, HardCase, corpus
 
@@ -25,7 +28,9 @@ MUST_MEASURE = {
 }
 
 
-@pytest.mark.parametrize("coverage", [None, 1.0], ids=["default", "coverage-1"])
+@pytest.mark.parametrize(
+    "coverage", [None, 1.0, 0.02], ids=["default", "coverage-1", "coverage-0.02"]
+)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_ok_is_right(case: HardCase, coverage: float | None) -> None:
     est = Registrar(case.reference, coverage=coverage, **case.options).measure(
@@ -38,3 +43,50 @@ def test_ok_is_right(case: HardCase, coverage: float | None) -> None:
         assert err <= RIGHT_PX, f"ok but {err:.2f} px off (confidence {est.confidence})"
     elif not est.status.has_shift:
         assert math.isnan(est.dx_px) and math.isnan(est.dy_px)
+
+
+def _faint_smooth_movie(
+    peak_photons: float, blur_px: float, n_frames: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth sample under few photons: its templates' gradients are mostly noise."""
+    sharp = sample_image((256, 256)).astype(np.float64)
+    base = cv2.GaussianBlur(sharp, (0, 0), blur_px)
+    rng = np.random.default_rng(3)
+    noise = CameraNoise(peak_photons=peak_photons)
+    steps = rng.normal(0.0, 0.5, (n_frames, 2))
+    steps[0] = 0.0
+    truth = np.cumsum(steps, axis=0)
+    frames = np.stack([noise.expose(fourier_shift(base, *d), rng) for d in truth])
+    return frames, truth
+
+
+@pytest.mark.parametrize(
+    "coverage", [None, 1.0, 0.01], ids=["default", "coverage-1", "coverage-0.01"]
+)
+def test_ok_is_right_while_tracking_a_noise_dominated_sample(
+    coverage: float | None,
+) -> None:
+    # tracked from the last frame, a template that is mostly noise agrees with
+    # itself wherever the fit starts: once 15 of 18 frames were ok, up to 2 px off
+    frames, truth = _faint_smooth_movie(20.0, 3.0, 24)
+    registrar = Registrar(frames[0], max_shift_px=10, coverage=coverage)
+    for frame, (dx, dy) in zip(frames, truth, strict=True):
+        est = registrar.measure(frame)
+        if est.ok:
+            assert math.hypot(est.dx_px - dx, est.dy_px - dy) <= RIGHT_PX, est
+
+
+def test_small_coverage_falls_back_to_the_default_regions() -> None:
+    frames, truth = _faint_smooth_movie(30.0, 2.0, 16)
+
+    def worst_px(**options: float) -> float:
+        est = estimate_shifts(frames, max_shift_px=10, **options)
+        return float(np.nanmax(np.hypot(*(est - truth).T)))
+
+    default = worst_px()
+    # 16 px squares of a faint smooth sample alone are pixels off ...
+    assert worst_px(region_size_px=16) > 2.0
+    # ... where the coverage shrinks the regions to them, the default regions
+    # measure the frames they cannot trust
+    assert worst_px(coverage=0.01) <= default + 1e-9
+    assert default < 1.0

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
 from stagelock.registration._subpixel import (
     BANDLIMITED_HALF,
+    RegionStack,
     bandlimited_shift_kernel,
     error_left_px,
     learn_contraction,
@@ -64,3 +66,21 @@ def test_bandlimited_kernel_shifts_and_blurs_inside_the_band(frac: float) -> Non
         shift_error_px = np.angle(response / ideal) / (2 * np.pi * k)
         assert abs(shift_error_px) < 0.002
         assert abs(abs(response) / abs(ideal) - 1.0) < 0.025
+
+
+def test_signal_share_is_the_signal_fraction_of_the_gradient_energy() -> None:
+    rng = np.random.default_rng(5)
+    texture = cv2.GaussianBlur(rng.normal(0.0, 1.0, (96, 96)), (0, 0), 3.0)
+    texture = (100.0 * texture / texture.std()).astype(np.float32)
+    corners = [(20, 20), (20, 50), (50, 35)]
+    grad_rms = float(np.sqrt(np.mean(np.square(np.gradient(texture)))))
+    noisy = texture + rng.normal(0.0, grad_rms, texture.shape).astype(np.float32)
+    pure_noise = rng.normal(0.0, 10.0, texture.shape).astype(np.float32)
+    assert RegionStack(texture, corners, 24, 0.0).signal_share > 0.98
+    assert RegionStack(pure_noise, corners, 24, 0.0).signal_share < 0.05
+    # white noise of the gradient's rms: a central difference passes half of
+    # its variance per axis, so the share is 1 / (1 + 0.5)
+    unblurred = RegionStack(noisy, corners, 24, 0.0).signal_share
+    assert abs(unblurred - 2.0 / 3.0) < 0.05
+    # a 1 px blur removes most of that noise and little of the smooth texture
+    assert RegionStack(noisy, corners, 24, 1.0).signal_share > 0.9

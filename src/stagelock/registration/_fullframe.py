@@ -272,6 +272,9 @@ class FrameSolution:
         Tiles inside the overlap before the robust rejection.
     converged : bool
         The last step moved less than 1e-3 px (or a fraction of σ).
+    signal_share : float
+        The used tiles' signal fraction of their pooled gradient energy (the
+        rest is the reference's noise); 1.0 for a noiseless reference.
     """
 
     d_row: float
@@ -280,6 +283,7 @@ class FrameSolution:
     n_tiles: int
     n_valid: int
     converged: bool
+    signal_share: float = 1.0
 
     @property
     def sigma_px(self) -> float:
@@ -299,6 +303,7 @@ class _Step:
     n_valid: int
     sums: npt.NDArray[np.float64]
     """Per-tile weighted sums at the displacement the step started from."""
+    signal_share: float
 
 
 class FrameFit:
@@ -881,7 +886,12 @@ class FrameFit:
         cov = cov * spread
         # inverse composition: T(x + Δ) ~ I(x + d)  =>  d <- d - Δ; cov in (row, col)
         cov_rc = np.array([[cov[1, 1], cov[0, 1]], [cov[0, 1], cov[0, 0]]])
-        return _Step(d_row - dy_f, d_col - dx_f, cov_rc, used, n_valid, sums)
+        plain = self._normal_plain[used]
+        energy = plain[:, 1, 1] + plain[:, 2, 2]
+        share = float(
+            np.sum(self._tile_frac[used] * energy) / max(float(energy.sum()), 1e-300)
+        )
+        return _Step(d_row - dy_f, d_col - dx_f, cov_rc, used, n_valid, sums, share)
 
     def _joint_shift(
         self, sums: npt.NDArray[np.float64], used: npt.NDArray[np.bool_]
@@ -978,6 +988,7 @@ class FrameFit:
                 used,
                 res.n_valid,
                 move < tol or left < LEFT_TOLERANCE * tol,
+                res.signal_share,
             )
             if out.converged:
                 if not self._noise_learnt:

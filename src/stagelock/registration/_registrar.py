@@ -79,9 +79,28 @@ MIN_AGREEMENT = 0.3
 """Overlap agreement (:func:`._verify.overlap_agreement`) below which a shift
 found by the search is not reported ``ok``."""
 
+FALLBACK_STICKY_FRAMES = 3
+"""Consecutive escalated frames after which the default regions measure first."""
+
+FALLBACK_RETRY_FIRST = 8
+"""Then after this many frames the shrunk regions are tried again; each failed
+retry doubles the wait, up to :data:`FALLBACK_RETRY_MAX` frames."""
+
+FALLBACK_RETRY_MAX = 64
+
+_ESCALATE = frozenset({Status.LOW_CONFIDENCE, Status.NO_PEAK, Status.OUT_OF_RANGE})
+"""Statuses of shrunk regions that send a frame to the default regions."""
+
 MAX_OK_SIGMA_PX = 0.125
 """Largest uncertainty (per axis) of a shift reported ``ok``: at 4σ = 0.5 px a
 2-D Gaussian error passes 0.5 px in 3 of 10,000 frames."""
+
+SHRUNK_OK_SIGMA_PX = MAX_OK_SIGMA_PX / 2
+"""Largest uncertainty of an ``ok`` shift from regions shrunk to a small coverage
+before the default regions measure the frame again: 16-24 px squares of a faint
+sample under-read their own uncertainty by up to 3x on the first frames (before
+their scatter has calibrated it), which put a dim cell's frame 0.52 px off at
+σ = 0.09 px."""
 
 
 def region_coverage(
@@ -189,18 +208,21 @@ class Registrar:
         first five good frames, also runs the unblurred fit, keeping it only if
         the scatter of the regions' estimates shows it clearly less noisy.
     coverage : float, optional
-        Fraction of the frame used by the sub-pixel fit, 0 < coverage <= 1
-        (1.0: every pixel of the overlap). Up to what the regions cover
-        (``n_regions`` squares of ``region_size_px``), the regions shrink to that
-        fraction: faster, noisier. Above, the regions only capture and check the
-        shift and a noise-weighted, robust fit over the most informative bands
-        of tiles of the frame (:class:`~._fullframe.FrameFit`) gives the number:
-        slower, down to the Cramér-Rao bound of the covered pixels. Default
-        None: the regions alone at their default size (~1/6 of the short side,
-        <= 128 px: ~25 % of a 512² frame, 3.5 % of a 2048² one), today's speed.
-        Deterministic: the covered pixels depend on the reference only. Ignored
-        above the regions' share when ``roi`` is given (the regions then cover
-        the fraction they can inside it).
+        Fraction of the frame used by the sub-pixel fit, 0 < coverage <= 1 (1.0: every
+        pixel of the overlap). Up to what the regions cover (``n_regions`` squares of
+        ``region_size_px``), the regions shrink to that fraction: faster, noisier; a
+        frame they cannot trust (not ``ok``, or σ above :data:`SHRUNK_OK_SIGMA_PX`) is
+        measured again by the default regions (built on first need; after 3 such frames
+        in a row they measure first and the shrunk ones are retried after 8, 16, ... 64
+        frames), so a faint frame costs the default's time, not its error. Above, the
+        regions only capture and check the shift and a noise-weighted, robust fit over
+        the most informative bands of tiles of the frame
+        (:class:`~._fullframe.FrameFit`) gives the number: slower, down to the
+        Cramér-Rao bound of the covered pixels. Default None: the regions alone at their
+        default size (~1/6 of the short side, <= 128 px: ~25 % of a 512² frame, 3.5 % of
+        a 2048² one), today's speed. Deterministic: the covered pixels depend on the
+        reference only. Ignored above the regions' share when ``roi`` is given (the
+        regions then cover the fraction they can inside it).
 
     Notes
     -----
@@ -299,6 +321,11 @@ class Registrar:
                 self._frame_coverage = float(coverage)
         elif coverage is not None and coverage > share and roi is None:
             self._frame_coverage = float(coverage)
+        # regions shrunk to a small coverage: a frame they cannot measure to
+        # 0.5 px is measured again by the default regions (see measure())
+        self._shrunk = coverage is not None and size < min(
+            default_region_size(area_shape), height, width
+        )
         if size < 8:
             raise ValueError(f"region_size_px must be >= 8; got {size}")
         self.shape: tuple[int, int] = (height, width)
@@ -334,6 +361,22 @@ class Registrar:
         # ratio), its median over the last frames (see _region_sigma)
         self._scatter_ratio = _RunningMedian(window=20)
         self._key = self._prepare(image, 0.0, 0.0)
+        self._fallback: Registrar | None = None
+        self._fallback_run = 0  # consecutive frames the default regions measured
+        self._retry_every = FALLBACK_RETRY_FIRST // 2
+        self._retry_at = FALLBACK_STICKY_FRAMES + FALLBACK_RETRY_FIRST
+        self._fallback_options: dict[str, Any] = {
+            "roi": roi,
+            "max_shift_px": max_shift_px,
+            "n_regions": n_regions,
+            "reference_strategy": reference_strategy,
+            "min_confidence": min_confidence,
+            "keyframe_below": keyframe_below,
+            "saturation_level": saturation_level,
+            "max_saturated_fraction": max_saturated_fraction,
+            "smooth_sigma_px": smooth_sigma_px,
+        }
+        self._reference = image if self._shrunk else None
 
     # -- reference handling -------------------------------------------------------
 
@@ -441,6 +484,12 @@ class Registrar:
         image = as_image(reference, "reference")
         self._check_shape(image)
         self._key = self._prepare(image, 0.0, 0.0)
+        self._fallback = None
+        self._fallback_run = 0
+        self._retry_every = FALLBACK_RETRY_FIRST // 2
+        self._retry_at = FALLBACK_STICKY_FRAMES + FALLBACK_RETRY_FIRST
+        if self._shrunk:
+            self._reference = image
 
     @classmethod
     def from_frames(
@@ -508,7 +557,27 @@ class Registrar:
         bad = self._screen(image)
         if bad is not None:
             return ShiftEstimate.failed(bad)
+        if self._shrunk and self._fallback_run >= FALLBACK_STICKY_FRAMES:
+            # the shrunk regions failed the last frames: the default regions
+            # measure, and the shrunk ones are retried every few frames
+            self._fallback_run += 1
+            if self._fallback_run < self._retry_at:
+                assert self._fallback is not None
+                return self._fallback.measure(image)
+            # a retry; if it fails too, the next one waits twice as long
+            self._retry_every = min(2 * self._retry_every, FALLBACK_RETRY_MAX)
+            self._retry_at = self._fallback_run + self._retry_every
         estimate = self._measure_key(image, self._key)
+        if self._shrunk:
+            if estimate.status in _ESCALATE or (
+                estimate.ok and not estimate.sigma_px <= SHRUNK_OK_SIGMA_PX
+            ):
+                estimate = self._escalate(image, estimate)
+                self._fallback_run = max(self._fallback_run, 0) + 1
+            else:
+                self._fallback_run = 0
+                self._retry_every = FALLBACK_RETRY_FIRST // 2
+                self._retry_at = FALLBACK_STICKY_FRAMES + FALLBACK_RETRY_FIRST
         if (
             self.reference_strategy == "keyframe"
             and estimate.status is Status.OK
@@ -519,6 +588,26 @@ class Registrar:
                 self._key = self._prepare(image, estimate.dy_px, estimate.dx_px)
             except ValueError:
                 pass  # no texture in this frame: keep the old key frame
+        return estimate
+
+    def _escalate(
+        self, frame: npt.NDArray[Any], estimate: ShiftEstimate
+    ) -> ShiftEstimate:
+        """Measure ``frame`` again with the default regions; the better answer.
+
+        Regions shrunk to a small coverage are fast on textured, bright frames
+        and lost on faint or smooth ones (16 px squares of a dim cell: shifts
+        px off). Their untrusted frames get the default regions' measurement,
+        built on first need from the same reference: the setting stays as
+        fast where it suffices and as accurate as the default elsewhere, and
+        which frames escalate depends on the data only.
+        """
+        if self._fallback is None:
+            assert self._reference is not None
+            self._fallback = Registrar(self._reference, **self._fallback_options)
+        second = self._fallback.measure(frame)
+        if second.ok or (second.status.has_shift and not estimate.ok):
+            return second
         return estimate
 
     def _measure_key(self, frame: npt.NDArray[Any], key: _Key) -> ShiftEstimate:
@@ -550,7 +639,7 @@ class Registrar:
             return ShiftEstimate.failed(Status.NO_PEAK)
         confidence = solution.confidence
         d_row, d_col = solution.d_row, solution.d_col
-        sigma = self._region_sigma(solution, key.stack.eta)
+        sigma = self._region_sigma(solution, min(key.stack.eta, key.stack.signal_share))
         n_used = solution.n_inliers
         trusted = confidence >= self.min_confidence
         if key.frame_fit is not None:
@@ -559,10 +648,13 @@ class Registrar:
                 # the regions and the frame disagree: neither is trusted
                 trusted = False
             else:
+                # the fit's covariance allows for the reference's noise down to
+                # a signal share of 0.3 (its compensation's cap); below, the
+                # template is mostly noise and the rest is unaccounted for
                 d_row, d_col, sigma, n_used = (
                     fine.d_row,
                     fine.d_col,
-                    fine.sigma_px,
+                    fine.sigma_px * max(1.0, 0.3 / max(fine.signal_share, 1e-3)),
                     fine.n_tiles,
                 )
         if searched and trusted and key.overview is not None:
@@ -610,6 +702,11 @@ class Registrar:
         noisy template each step moves only the fraction ``eta`` of the way
         (:func:`.learn_step_efficiency`), so the fixed point moves ``1 / eta``
         times as far as the noise in a step: the uncertainty is divided by it.
+        ``eta`` is the smaller of the learnt one (learnt only from steps well
+        above the noise, so never on the fast path of a faint sample) and the
+        templates' signal share of their gradient energy, from the reference's
+        own noise (:attr:`RegionStack.signal_share`): a template that is mostly
+        noise agrees with itself wherever the fit starts.
 
         References
         ----------
@@ -625,7 +722,7 @@ class Registrar:
         ):
             self._scatter_ratio.add(solution.reduced_chi2)
         scale = max(1.0, self._scatter_ratio.value)
-        return math.sqrt(max(gn_var * scale, 0.0)) / min(max(eta, 1.0 / 3.0), 1.0)
+        return math.sqrt(max(gn_var * scale, 0.0)) / min(max(eta, 0.05), 1.0)
 
     def _run_trial(
         self, frame: npt.NDArray[Any], key: _Key, solution: _Solution

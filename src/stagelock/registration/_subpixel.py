@@ -215,6 +215,37 @@ def shift_kernel(frac: float) -> npt.NDArray[np.float32]:
     return weights.astype(np.float32)
 
 
+def _white_noise_variance(window: npt.NDArray[Any]) -> float:
+    """Variance of a window's white noise, from its 4-neighbour high-pass.
+
+    The high-pass of white noise of variance ``v`` has variance ``1.25 v``; the
+    median of its square (0.455 of the mean for Gaussian noise) is robust to the
+    sparse structure that also passes: edges, spots.
+    """
+    img = np.asarray(window, dtype=np.float32)
+    if min(img.shape) < 3:
+        return 0.0
+    high = img[1:-1, 1:-1] - 0.25 * (
+        img[:-2, 1:-1] + img[2:, 1:-1] + img[1:-1, :-2] + img[1:-1, 2:]
+    )
+    return float(np.median(high * high)) / 0.455 / 1.25
+
+
+def _gradient_noise_gain(smooth_sigma_px: float) -> float:
+    """Sum over x and y of the gradients' noise gain for unit white noise.
+
+    The template's gradient is a central difference (taps ±1/2) of the
+    reference blurred by the sampled Gaussian (none at σ = 0).
+    """
+    blur = (
+        gaussian_shift_kernel(0.0, smooth_sigma_px).astype(np.float64)
+        if smooth_sigma_px > 0
+        else np.ones(1)
+    )
+    deriv = np.convolve(blur, [0.5, 0.0, -0.5])
+    return 2.0 * float(np.sum(blur**2) * np.sum(deriv**2))
+
+
 def _blurred_window(
     image: npt.NDArray[Any],
     window: tuple[int, int, int, int],
@@ -328,6 +359,7 @@ class RegionStack:
         n, p = len(corners), size * size
         self.patches = np.empty((n, size, size), dtype=np.float32)
         basis = np.empty((n, 4, p), dtype=np.float32)
+        noise_var = np.empty(n)
         for i, (row, col) in enumerate(corners):
             # gradients from a 1-px larger crop so border pixels have neighbours
             r0, r1 = max(row - 1, 0), min(row + size + 1, height)
@@ -340,6 +372,7 @@ class RegionStack:
             grad_x = cv2.Sobel(crop, cv2.CV_32F, 1, 0, ksize=1, scale=0.5)
             grad_y = cv2.Sobel(crop, cv2.CV_32F, 0, 1, ksize=1, scale=0.5)
             sl = (slice(row - r0, row - r0 + size), slice(col - c0, col - c0 + size))
+            noise_var[i] = _white_noise_variance(reference[r0:r1, c0:c1])
             patch = crop[sl]
             self.patches[i] = patch
             # zero-mean template: frame patches are centred too, which keeps the
@@ -358,6 +391,17 @@ class RegionStack:
         self._t_norm = np.sqrt(
             np.einsum("np,np->n", basis[:, 0], basis[:, 0], dtype=np.float64)
         )
+        # the share of each template's gradient energy that is signal: the
+        # rest is the reference's own noise through the gradient filter
+        energy = np.einsum("nqp,nqp->n", basis64[:, 1:3], basis64[:, 1:3])
+        noise_energy = noise_var * p * _gradient_noise_gain(smooth_sigma_px)
+        self.signal_fraction: npt.NDArray[np.float64] = np.clip(
+            1.0 - noise_energy / np.maximum(energy, 1e-300), 0.0, 1.0
+        )
+        self.signal_share = float(
+            np.sum(self.signal_fraction * energy) / max(float(np.sum(energy)), 1e-300)
+        )
+        """The regions' signal fraction of their pooled gradient energy."""
         # covariance of (Δy, Δx) per unit residual variance and unit gain
         self._cov_unit = self.normal_inv[:, [2, 1]][:, :, [2, 1]]
         self._buffer = np.zeros((n, side, side), dtype=np.float32)
