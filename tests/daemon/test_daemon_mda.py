@@ -111,3 +111,53 @@ def test_demo_mda_file_gives_every_position_its_own_reference(
     for m in shifts:
         assert m["status"] == "ok"
         assert abs(m["dx_px"]) < 0.2 and abs(m["dy_px"]) < 0.2, m
+
+
+def test_run_ends_by_itself_when_its_own_mda_finishes(tmp_path: Path) -> None:
+    pytest.importorskip("mm_test_adapters")
+    mda = tmp_path / "mda.json"
+    mda.write_text(
+        json.dumps(
+            {
+                "stage_positions": [{"x": 0.0, "y": 0.0}, {"x": 20.0, "y": 0.0}],
+                "time_plan": {"interval": 0.2, "loops": 3},
+            }
+        )
+    )
+    config = validate_config(
+        {
+            "source": {
+                "kind": "micromanager",
+                "micromanager": {
+                    "mda_file": str(mda),
+                    "properties": [["Camera", "Mode", "Fluorescent Beads"]],
+                },
+            },
+            "registration": {"max_shift_px": 30},
+            "log": {"every_n_frames": 0},
+        }
+    )
+    source, cleanup = build_source(config)
+    sink = ListSink()
+    daemon = Daemon(
+        config,
+        source,
+        sinks=[sink],
+        notifier=SystemdNotifier({}),
+        control=False,
+        cleanup=cleanup,
+    )
+    codes: list[int] = []
+    runner = threading.Thread(target=lambda: codes.append(daemon.run()))
+    runner.start()
+    runner.join(timeout=30.0)
+    ended_by_itself = not runner.is_alive()
+    if not ended_by_itself:  # still waiting for frames that will never come
+        daemon.request_stop("test timeout")
+        runner.join(timeout=10.0)
+    del source
+    gc.collect()
+    assert ended_by_itself
+    assert codes == [0]
+    shifts = sink.of("stagelock.shift")
+    assert len(shifts) + daemon.status().frames_skipped == 6

@@ -426,6 +426,10 @@ class Daemon:
                 if remaining is not None and remaining <= 0:
                     self.request_stop(f"ran for {self.config.duration_s:g} s")
                     break
+                finished = getattr(self.source, "finished", False)
+                if finished and self._slot.wait_taken(0.0):
+                    self.request_stop("the acquisition finished")
+                    break
                 self._stop.wait(0.5 if remaining is None else min(remaining, 0.5))
         finally:
             self.shutdown()

@@ -203,6 +203,12 @@ class MMCoreSource:
             self._thread = None
         self.state = SourceState.STOPPED
 
+    @property
+    def finished(self) -> bool:
+        """True once an MDA this source ran itself has ended: no frame will follow."""
+        thread = self._mda_thread
+        return thread is not None and not thread.is_alive()
+
     def wait_done(self, timeout_s: float | None = None) -> bool:
         """Wait for an own-mode MDA to finish; True when it has (or there is none)."""
         thread = self._mda_thread

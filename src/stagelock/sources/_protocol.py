@@ -59,6 +59,10 @@ class FrameSource(Protocol):
     core : CMMCorePlus or None
         The Micro-Manager core behind the frames, when there is one (optional
         capability: a stage loop needs it); None otherwise.
+    finished : bool
+        Optional capability: True once the source has ended for good (an MDA it
+        ran itself is over); the daemon then stops after the last frame. Sources
+        without it (a camera, a folder) run until stopped.
     """
 
     name: str
