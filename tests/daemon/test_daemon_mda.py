@@ -34,38 +34,45 @@ class ListSink:
             return [m for t, m in self.messages if t == topic]
 
 
+def _mda_run_config(
+    tmp_path: Path, sequence: dict[str, Any], stage: dict[str, Any] | None = None
+) -> Any:
+    """A ``stagelock run`` config that runs ``sequence`` on the demo camera's beads."""
+    mda = tmp_path / "mda.json"
+    mda.write_text(json.dumps(sequence))
+    raw: dict[str, Any] = {
+        "source": {
+            "kind": "micromanager",
+            "micromanager": {
+                "mda_file": str(mda),
+                "properties": [["Camera", "Mode", "Fluorescent Beads"]],
+            },
+        },
+        "registration": {"max_shift_px": 30},
+        "log": {"every_n_frames": 0},
+    }
+    if stage is not None:
+        raw["stage"] = stage
+    return validate_config(raw)
+
+
 @pytest.mark.parametrize("feedback", [False, True], ids=["measure", "feedback"])
 def test_demo_mda_file_gives_every_position_its_own_reference(
     tmp_path: Path, feedback: bool
 ) -> None:
     pytest.importorskip("mm_test_adapters")
-    mda = tmp_path / "mda.json"
-    mda.write_text(
-        json.dumps(
-            {
-                "stage_positions": [
-                    {"x": 0.0, "y": 0.0, "name": "A"},
-                    {"x": 20.0, "y": 0.0, "name": "B"},
-                    {"x": 0.0, "y": 20.0, "name": "C"},
-                ],
-                "time_plan": {"interval": 1.0, "loops": 3},
-            }
-        )
-    )
     cal = Calibration.from_geometry(1.0).to_file(tmp_path / "cal.toml")
-    config = validate_config(
+    config = _mda_run_config(
+        tmp_path,
         {
-            "source": {
-                "kind": "micromanager",
-                "micromanager": {
-                    "mda_file": str(mda),
-                    "properties": [["Camera", "Mode", "Fluorescent Beads"]],
-                },
-            },
-            "registration": {"max_shift_px": 30},
-            "stage": {"feedback": feedback, "calibration_file": str(cal)},
-            "log": {"every_n_frames": 0},
-        }
+            "stage_positions": [
+                {"x": 0.0, "y": 0.0, "name": "A"},
+                {"x": 20.0, "y": 0.0, "name": "B"},
+                {"x": 0.0, "y": 20.0, "name": "C"},
+            ],
+            "time_plan": {"interval": 1.0, "loops": 3},
+        },
+        stage={"feedback": feedback, "calibration_file": str(cal)},
     )
     source, cleanup = build_source(config)
     core = source.core
@@ -115,27 +122,12 @@ def test_demo_mda_file_gives_every_position_its_own_reference(
 
 def test_run_ends_by_itself_when_its_own_mda_finishes(tmp_path: Path) -> None:
     pytest.importorskip("mm_test_adapters")
-    mda = tmp_path / "mda.json"
-    mda.write_text(
-        json.dumps(
-            {
-                "stage_positions": [{"x": 0.0, "y": 0.0}, {"x": 20.0, "y": 0.0}],
-                "time_plan": {"interval": 0.2, "loops": 3},
-            }
-        )
-    )
-    config = validate_config(
+    config = _mda_run_config(
+        tmp_path,
         {
-            "source": {
-                "kind": "micromanager",
-                "micromanager": {
-                    "mda_file": str(mda),
-                    "properties": [["Camera", "Mode", "Fluorescent Beads"]],
-                },
-            },
-            "registration": {"max_shift_px": 30},
-            "log": {"every_n_frames": 0},
-        }
+            "stage_positions": [{"x": 0.0, "y": 0.0}, {"x": 20.0, "y": 0.0}],
+            "time_plan": {"interval": 0.2, "loops": 3},
+        },
     )
     source, cleanup = build_source(config)
     sink = ListSink()
