@@ -27,7 +27,12 @@ from ._subpixel import (
 )
 from ._templates import select_regions
 from ._types import ShiftEstimate, Status
-from ._verify import overlap_agreement, overview, overview_factor
+from ._verify import (
+    better_alternative,
+    overlap_agreement,
+    overview,
+    overview_factor,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -662,10 +667,24 @@ class Registrar:
             # regions (small overlap) or a repeated motif can agree on a wrong
             # shift, and then the overlap does not match
             factor = overview_factor(frame.shape)
+            frame_small = overview(frame, factor)
             agreement = overlap_agreement(
-                key.overview, overview(frame, factor), d_row, d_col, factor
+                key.overview, frame_small, d_row, d_col, factor
             )
             if not agreement >= MIN_AGREEMENT:
+                trusted = False
+            elif (
+                better_alternative(
+                    key.overview,
+                    frame_small,
+                    d_row,
+                    d_col,
+                    factor,
+                    self.max_shift_px + max(abs(key.offset_row), abs(key.offset_col)),
+                )
+                is not None
+            ):
+                # a repeated motif: another period matches the overlap as well
                 trusted = False
         if not sigma <= MAX_OK_SIGMA_PX:
             # found, but too faint to be within 0.5 px: record it, don't act on it

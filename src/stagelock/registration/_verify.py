@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["OVERVIEW_PX", "overlap_agreement", "overview"]
+__all__ = ["OVERVIEW_PX", "better_alternative", "overlap_agreement", "overview"]
 
 OVERVIEW_PX = 96
 """Short side of the reduced copies the check works on."""
@@ -103,3 +103,77 @@ def overlap_agreement(
     cum = np.cumsum(np.asarray(weights)[order])
     k = int(np.searchsorted(cum, 0.5 * cum[-1]))
     return float(np.asarray(nccs)[order][k])
+
+
+def better_alternative(
+    ref_small: npt.NDArray[np.float32],
+    frame_small: npt.NDArray[np.float32],
+    d_row: float,
+    d_col: float,
+    factor: int,
+    max_shift_px: float,
+    *,
+    n_candidates: int = 3,
+) -> tuple[float, float] | None:
+    """Another shift the whole overlap agrees with at least as well, if any.
+
+    A repeated motif (a lattice, a grating) matches itself one period away
+    almost everywhere; only its defects (vacancies, debris) tell the periods
+    apart. Regions too small to hold a defect can then agree on the wrong
+    period, and so does :func:`overlap_agreement` at that shift. This looks
+    for the best other peaks of the reduced copies' normalised correlation
+    within the capture range and scores each by :func:`overlap_agreement`.
+
+    Parameters
+    ----------
+    ref_small, frame_small : ndarray of float32
+        Reduced reference and frame (:func:`overview`).
+    d_row, d_col : float
+        The shift found (full-resolution px).
+    factor : int
+        The reduction factor of the copies.
+    max_shift_px : float
+        The capture range (full-resolution px, per axis).
+    n_candidates : int
+        How many of the correlation's other peaks are scored.
+
+    Returns
+    -------
+    (d_row, d_col) or None
+        The best-agreeing other shift (full-resolution px, to the reduced
+        copies' pixel) when it agrees at least as well as the one found, else
+        None (also when the copies are too small to search).
+    """
+    h, w = ref_small.shape
+    radius = min(math.ceil(max_shift_px / factor) + 1, min(h, w) // 4)
+    if radius < 2 or frame_small.shape != ref_small.shape:
+        return None
+    template = np.ascontiguousarray(
+        frame_small[radius : h - radius, radius : w - radius]
+    )
+    if float(np.var(template)) <= 0.0:
+        return None
+    score = cv2.matchTemplate(
+        np.ascontiguousarray(ref_small), template, cv2.TM_CCOEFF_NORMED
+    )
+    score = np.nan_to_num(score, nan=-1.0)
+    peaks = (score >= cv2.dilate(score, np.ones((3, 3), np.uint8))) & (score > 0)
+    rows, cols = np.nonzero(peaks)
+    # template row r sits at reference row r + i - radius: the frame's content
+    # is displaced by radius - i
+    shifts = np.stack([radius - rows, radius - cols], axis=1).astype(np.float64)
+    far = np.hypot(shifts[:, 0] - d_row / factor, shifts[:, 1] - d_col / factor) > 1.5
+    inside = np.all(np.abs(shifts * factor) <= max_shift_px + factor, axis=1)
+    keep = np.flatnonzero(far & inside)
+    if keep.size == 0:
+        return None
+    order = keep[np.argsort(-score[rows[keep], cols[keep]], kind="stable")]
+    found = overlap_agreement(ref_small, frame_small, d_row, d_col, factor)
+    best: tuple[float, float] | None = None
+    best_agreement = found if math.isfinite(found) else -math.inf
+    for k in order[:n_candidates]:
+        alt = (float(shifts[k, 0]) * factor, float(shifts[k, 1]) * factor)
+        agreement = overlap_agreement(ref_small, frame_small, *alt, factor)
+        if agreement >= best_agreement:
+            best, best_agreement = alt, agreement
+    return best
