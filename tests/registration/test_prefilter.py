@@ -32,7 +32,7 @@ def _smooth_cells(shape: tuple[int, int]) -> np.ndarray:
 def test_bright_sharp_content_wants_little_blur() -> None:
     camera = CameraNoise(peak_photons=5000.0)
     ref = camera.expose(sample_image((256, 256)), np.random.default_rng(1))
-    assert prefilter_sigma(ref, _camera_model(camera)) == 0.75
+    assert prefilter_sigma(ref, _camera_model(camera)) == 0.5
 
 
 def test_faint_smooth_content_wants_more_blur() -> None:
@@ -78,7 +78,7 @@ def test_frame_fit_auto_sharpens_on_a_bright_sample() -> None:
     )
     assert fit.sigma == 1.0  # until the first frame has measured the noise
     fit, errors = _fit_errors(sample_image((256, 256)), camera, "auto", 4)
-    assert fit.sigma == 0.75
+    assert fit.sigma == 0.5
     assert_allclose(errors, 0.0, atol=0.01)
 
 
@@ -103,4 +103,4 @@ def test_frame_fit_auto_with_a_given_model_chooses_at_once() -> None:
         smooth_sigma_px="auto",
         noise=_camera_model(camera),
     )
-    assert fit.sigma == prefilter_sigma(ref, _camera_model(camera)) == 0.75
+    assert fit.sigma == prefilter_sigma(ref, _camera_model(camera)) == 0.5

@@ -7,6 +7,7 @@ import pytest
 from stagelock.registration._subpixel import (
     BANDLIMITED_HALF,
     RegionStack,
+    bandlimited_response,
     bandlimited_shift_kernel,
     error_left_px,
     learn_contraction,
@@ -53,8 +54,9 @@ def test_error_left_is_the_geometric_tail_of_the_moves() -> None:
 
 @pytest.mark.parametrize("frac", [0.0, 0.25, 0.5, 0.9])
 def test_bandlimited_kernel_shifts_and_blurs_inside_the_band(frac: float) -> None:
-    # its frequency response against the ideal exp(-2 pi^2 sigma^2 k^2) times the
-    # shift's phase ramp: the phase (a shift error) matters most
+    # its frequency response against the designed one (exp(-2 pi^2 sigma^2 k^2),
+    # tapered to zero at Nyquist) times the shift's phase ramp: the phase (a
+    # shift error) matters most
     sigma = 0.5
     kernel = bandlimited_shift_kernel(frac, sigma)
     assert kernel.shape == (2 * BANDLIMITED_HALF + 2,)
@@ -62,10 +64,16 @@ def test_bandlimited_kernel_shifts_and_blurs_inside_the_band(frac: float) -> Non
     taps = np.arange(-BANDLIMITED_HALF, BANDLIMITED_HALF + 2)
     for k in (0.05, 0.2, 0.3, 0.4):
         response = np.sum(kernel * np.exp(2j * np.pi * k * taps))
-        ideal = np.exp(-2 * np.pi**2 * sigma**2 * k**2 + 2j * np.pi * k * frac)
+        designed = float(bandlimited_response(k, sigma))
+        ideal = designed * np.exp(2j * np.pi * k * frac)
         shift_error_px = np.angle(response / ideal) / (2 * np.pi * k)
         assert abs(shift_error_px) < 0.002
-        assert abs(abs(response) / abs(ideal) - 1.0) < 0.025
+        assert abs(abs(response) - designed) < 0.02
+    # the taper: a Gaussian below, nothing left at Nyquist
+    assert float(bandlimited_response(0.3, sigma)) == pytest.approx(
+        np.exp(-2 * np.pi**2 * sigma**2 * 0.09)
+    )
+    assert float(bandlimited_response(0.5, sigma)) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_signal_share_is_the_signal_fraction_of_the_gradient_energy() -> None:

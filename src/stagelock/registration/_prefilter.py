@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from ._subpixel import bandlimited_response
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -14,7 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PREFILTER_SIGMAS_PX", "predicted_variance", "prefilter_sigma"]
 
-PREFILTER_SIGMAS_PX = (0.75, 1.0, 1.5, 2.0)
+PREFILTER_SIGMAS_PX = (0.5, 0.75, 1.0, 1.5, 2.0)
 """Pre-filter widths the whole-frame fit chooses from (its kernels are exact
 for these: the band-limited blur below 1 px, a sampled Gaussian from 1 px)."""
 
@@ -36,16 +38,18 @@ def predicted_variance(
 
         \operatorname{var} \hat{x} =
         \frac{\sum_k W^2 k_x^2 (2 S N + N^2)}{(\sum_k W k_x^2 S)^2},
-        \quad W = e^{-|k|^2 \sigma^2},
+        \quad W = |G_\sigma(k_x) G_\sigma(k_y)|^2,
 
-    with ``S`` the signal's power per spatial frequency ``k`` and ``N`` the
-    (white) noise power per mode of each image. ``2 S N`` is the two images'
-    noise on the signal's gradients, ``N²`` the noise of one image on the
-    other's; the Cramér-Rao bound of the two images is ``2 N / Σ k_x² S``. A
-    pre-filter trades the first term's loss for the second's: sharp, bright
-    content wants little blur, smooth or faint content more. ``S`` is read
-    from the noisy reference, ``|R|² - N`` (unbiased, so its sums are too),
-    averaged over Hann-windowed tiles (Welch [2]_).
+    ``G_σ`` the response of the fit's kernel per axis (the band-limited, tapered
+    blur below 1 px, :func:`._subpixel.bandlimited_response`; the Gaussian from 1
+    px), with ``S`` the signal's power per spatial frequency ``k`` and ``N`` the
+    (white) noise power per mode of each image. ``2 S N`` is the two images' noise
+    on the signal's gradients, ``N²`` the noise of one image on the other's; the
+    Cramér-Rao bound of the two images is ``2 N / Σ k_x² S``. A pre-filter trades
+    the first term's loss for the second's: sharp, bright content wants little blur,
+    smooth or faint content more. ``S`` is read from the noisy reference, ``|R|² -
+    N`` (unbiased, so its sums are too), averaged over Hann-windowed tiles (Welch
+    [2]_).
 
     Parameters
     ----------
@@ -98,13 +102,12 @@ def predicted_variance(
     count[:, 0] = 1.0
     if cw % 2 == 0:
         count[:, -1] = 1.0
-    k_sq = kx**2 + ky**2
     signal = count * s2
     noise_terms = count * (2 * s2 * n2 + n2 * n2)
     axes = (np.broadcast_to(kx**2, s2.shape), np.broadcast_to(ky**2, s2.shape))
     out: dict[float, float] = {}
     for sigma in sigmas_px:
-        w = np.exp(-k_sq * sigma**2)
+        w = _response_squared(kx, ky, sigma)
         ws, wwn = w * signal, w * w * noise_terms
         total = 0.0
         for k2 in axes:
@@ -115,6 +118,18 @@ def predicted_variance(
             total += float(np.vdot(wwn, k2)) / info**2
         out[float(sigma)] = total
     return out
+
+
+def _response_squared(
+    kx: npt.NDArray[np.floating[Any]], ky: npt.NDArray[np.floating[Any]], sigma: float
+) -> npt.NDArray[np.float64]:
+    """``|G_σ(kx) G_σ(ky)|²`` of the fit's resampling kernel (k in rad/px)."""
+    if sigma >= 1:
+        out: npt.NDArray[np.float64] = np.exp(-(kx**2 + ky**2) * sigma**2)
+        return out
+    gx = bandlimited_response(kx / (2 * np.pi), sigma)
+    gy = bandlimited_response(ky / (2 * np.pi), sigma)
+    return np.asarray((gx * gy) ** 2)
 
 
 def prefilter_sigma(
