@@ -681,6 +681,7 @@ class Registrar:
                     d_col,
                     factor,
                     self.max_shift_px + max(abs(key.offset_row), abs(key.offset_col)),
+                    found_agreement=agreement,
                 )
                 is not None
             ):

@@ -113,6 +113,7 @@ def better_alternative(
     factor: int,
     max_shift_px: float,
     *,
+    found_agreement: float | None = None,
     n_candidates: int = 3,
 ) -> tuple[float, float] | None:
     """Another shift the whole overlap agrees with at least as well, if any.
@@ -134,6 +135,8 @@ def better_alternative(
         The reduction factor of the copies.
     max_shift_px : float
         The capture range (full-resolution px, per axis).
+    found_agreement : float, optional
+        :func:`overlap_agreement` at the shift found, when the caller has it.
     n_candidates : int
         How many of the correlation's other peaks are scored.
 
@@ -168,7 +171,11 @@ def better_alternative(
     if keep.size == 0:
         return None
     order = keep[np.argsort(-score[rows[keep], cols[keep]], kind="stable")]
-    found = overlap_agreement(ref_small, frame_small, d_row, d_col, factor)
+    found = (
+        overlap_agreement(ref_small, frame_small, d_row, d_col, factor)
+        if found_agreement is None
+        else found_agreement
+    )
     best: tuple[float, float] | None = None
     best_agreement = found if math.isfinite(found) else -math.inf
     for k in order[:n_candidates]:
